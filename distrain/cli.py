@@ -1,0 +1,146 @@
+"""The `distrain` command: train, eval, predict, bench.
+
+User errors (`UserError`) end with one line on stderr and exit code 2, on every rank; anything else is a
+bug and keeps its traceback (exit 1). `--json` output is the only thing ever written to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Optional
+
+from distrain import __version__
+from distrain.errors import UserError
+
+
+def _keys_help() -> str:
+    from distrain.config import Config, all_keys
+
+    cfg = Config().to_dict()
+    lines = ["config keys (KEY=VALUE, dotted; see configs/ for recipes):"]
+    for k in all_keys():
+        v = cfg
+        for part in k.split("."):
+            v = v[part]
+        lines.append(f"  {k} = {v!r}")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="distrain", description="Train CIFAR-10 image classifiers on a CPU, GPUs or SLURM.")
+    p.add_argument("--version", action="version", version=f"distrain {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    fmt = argparse.RawDescriptionHelpFormatter
+
+    t = sub.add_parser("train", help="train a model", formatter_class=fmt, epilog=_keys_help(),
+                       description="Train. `-c FILE` reads a YAML config; each KEY=VALUE overrides one dotted key after it.")
+    t.add_argument("-c", "--config", metavar="FILE", help="YAML config file (e.g. configs/cifar10_quick.yaml)")
+    t.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, later wins")
+
+    e = sub.add_parser("eval", help="accuracy and loss on the test split", formatter_class=fmt,
+                       description="Evaluate on the test split. PATH: a run directory, a checkpoint directory or an "
+                                   "exported model.safetensors. KEY=VALUE overrides the data keys of the run's config "
+                                   "(e.g. data.root=...).")
+    e.add_argument("--checkpoint", required=True, metavar="PATH")
+    e.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    e.add_argument("--confusion", metavar="DIR", help="also write confusion_matrix.txt/.png and per-class accuracy here")
+    e.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+
+    pr = sub.add_parser("predict", help="classify image files", formatter_class=fmt,
+                        description="Class and probability for each image (PNG/JPEG, any size, RGB/RGBA/grayscale) "
+                                    "or each image in a directory.")
+    pr.add_argument("--checkpoint", required=True, metavar="PATH")
+    pr.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    pr.add_argument("--topk", type=int, default=1, metavar="K", help="classes to show per image (default 1)")
+    pr.add_argument("--batch-size", type=int, default=64, metavar="N")
+    pr.add_argument("images", nargs="+", metavar="IMAGE")
+
+    b = sub.add_parser("bench", help="throughput of the input pipeline and the training step", formatter_class=fmt,
+                       epilog=_keys_help(), description="Measure images/s of the input pipeline and of the full training "
+                                                       "step for the configured model, data, precision and world size. Writes nothing.")
+    b.add_argument("-c", "--config", metavar="FILE")
+    b.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    b.add_argument("--steps", type=int, default=30, help="timed steps (after warm-up)")
+    b.add_argument("--warmup", type=int, default=5, help="warm-up steps")
+    b.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    return p
+
+
+def cmd_train(args) -> int:
+    from distrain.config import load_config
+
+    cfg = load_config(args.config, args.overrides)  # validated before any process group or file work
+    from distrain import signals
+    from distrain.engine import train
+
+    stop = signals.StopSignals().install()
+    try:
+        return train(cfg, signals=stop)
+    finally:
+        stop.uninstall()
+
+
+def cmd_eval(args) -> int:
+    from distrain.engine import run_eval
+
+    result = run_eval(args.checkpoint, args.overrides, confusion_dir=args.confusion)
+    if result is None:  # not the main process
+        return 0
+    if args.json:
+        print(json.dumps({k: v for k, v in result.items() if k != "confusion"}))
+    else:
+        print(f"accuracy {result['accuracy']:.4f}  loss {result['loss']:.4f}  on {result['samples']} images "
+              f"({result['dataset']})", file=sys.stderr)
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from distrain.predict import predict
+
+    if args.topk < 1:
+        raise UserError("--topk must be >= 1")
+    if args.batch_size < 1:
+        raise UserError("--batch-size must be >= 1")
+    results = predict(args.checkpoint, args.images, topk=args.topk, batch_size=args.batch_size)
+    if args.json:
+        print(json.dumps({"predictions": results}))
+    else:
+        for r in results:
+            tops = ", ".join(f"{c['class']} {c['probability']:.3f}" for c in r["topk"])
+            print(f"{r['path']}: {tops}", file=sys.stderr)
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from distrain.bench import run_bench
+
+    return run_bench(args)
+
+
+def _rank_prefix() -> str:
+    rank = os.environ.get("RANK")
+    world = os.environ.get("WORLD_SIZE")
+    return f"[rank {rank}] " if rank is not None and world not in (None, "1") else ""
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handlers = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "bench": cmd_bench}
+    try:
+        return handlers[args.command](args)
+    except UserError as e:
+        sys.stdout.flush()
+        print(f"{_rank_prefix()}distrain {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{_rank_prefix()}distrain {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,198 @@
+"""Input pipelines: from a configured dataset to normalised device batches, by epoch plan.
+
+Two paths give the same batches for the same ``(seed, epoch)`` when augmentation is off:
+
+- ``device``: the whole uint8 split is copied to the device once; each micro-batch is a gather by
+  index, augmented and normalised there. No worker processes, no per-step host-to-device image copy.
+- ``dataloader``: a torch DataLoader fed by the same plan (pinned memory, non-blocking copies,
+  persistent workers); used for image folders and splits that do not fit on the device.
+
+Ranks and world size arrive as plain integers: this module knows nothing about process groups.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+
+from distrain.config import Config
+from distrain.data import cifar10, synthetic
+from distrain.data.augment import CropFlipParams, Normalizer, crop_flip
+from distrain.data.sampling import EpochPlan, IndexBatchSampler, PlanBatchSampler, eval_shard
+from distrain.errors import UserError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class Split:
+    """One split of a dataset: in-memory uint8 images, or a Dataset that decodes files."""
+
+    labels: torch.Tensor  # int64 (N,)
+    classes: list[str]
+    images: Optional[torch.Tensor] = None  # uint8 (N, 3, H, W)
+    dataset: Optional[torch.utils.data.Dataset] = None  # yields (uint8 image, label, index)
+    source: str = ""
+    meta: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def prepare_data(cfg: Config) -> None:
+    """Fetch what is missing (main process only; the others wait for it)."""
+    if cfg.data.name == "cifar10":
+        cifar10.ensure_cifar10(cfg.data.root, download=cfg.data.download)
+
+
+def normalization(cfg: Config) -> tuple[tuple, tuple]:
+    """ImageNet statistics for pretrained backbones and photos, CIFAR-10's otherwise."""
+    if cfg.model.pretrained or cfg.model.weights_path or cfg.data.name == "imagefolder":
+        return IMAGENET_MEAN, IMAGENET_STD
+    return cifar10.MEAN, cifar10.STD
+
+
+def load_split(cfg: Config, train: bool) -> Split:
+    d = cfg.data
+    limit = d.max_train_samples if train else d.max_test_samples
+    if d.name == "cifar10":
+        images, labels, classes = cifar10.load_cifar10(d.root, train=train, verify=d.verify, max_samples=limit)
+    elif d.name == "synthetic":
+        images, labels, classes = synthetic.make_synthetic(
+            train=train, seed=cfg.train.seed, num_classes=cfg.model.num_classes, max_samples=limit
+        )
+    elif d.name == "imagefolder":
+        from distrain.data import imagefolder
+
+        split = "train" if train else "val"
+        paths, labels, classes = imagefolder.scan_imagefolder(d.root, split)
+        if limit is not None:
+            paths, labels = paths[:limit], labels[:limit]
+        ds = imagefolder.ImageFolderDataset(
+            paths, labels, size=cfg.model.input_size, train=train, augment=d.augment and train, seed=cfg.train.seed
+        )
+        return Split(torch.as_tensor(np.asarray(labels), dtype=torch.int64), list(classes), dataset=ds,
+                     source=os.path.join(d.root, split))
+    else:  # validated by config; kept for clarity
+        raise UserError(f"config key 'data.name': unknown dataset '{d.name}'")
+    if int(np.max(labels, initial=0)) >= cfg.model.num_classes:
+        raise UserError(
+            f"config key 'model.num_classes' is {cfg.model.num_classes} but the {d.name} data has labels up to "
+            f"{int(np.max(labels))}; set model.num_classes={int(np.max(labels)) + 1}"
+        )
+    return Split(torch.from_numpy(np.ascontiguousarray(labels)).long(), list(classes),
+                 images=torch.from_numpy(np.ascontiguousarray(images)), source=d.name)
+
+
+class _InMemory(torch.utils.data.Dataset):
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+        self.images, self.labels = images, labels
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return self.images[i], self.labels[i], i
+
+
+def default_num_workers(local_world_size: int = 1) -> int:
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(8, cpus // max(1, local_world_size) - 1))
+
+
+class InputPipeline:
+    """Normalised device batches of one split, for one rank, following the epoch plan."""
+
+    def __init__(self, split: Split, cfg: Config, device: torch.device, rank: int, world_size: int,
+                 train: bool, local_world_size: int = 1, eval_batch_size: Optional[int] = None,
+                 mean_std: Optional[tuple] = None):
+        self.split, self.cfg, self.device = split, cfg, torch.device(device)
+        self.rank, self.world_size, self.train = rank, world_size, train
+        mean, std = mean_std or normalization(cfg)
+        self.normalize = Normalizer(mean, std, cfg.model.input_size, self.device, cfg.model.channels_last)
+        # Image folders are augmented while decoding (random resized crop); in-memory splits on the device.
+        self.augment = train and cfg.data.augment and split.images is not None
+        self.batch_size = cfg.train.batch_size if train else (eval_batch_size or cfg.train.batch_size)
+        self.mode = self._choose_mode(cfg.data.loader)
+        self.plan: Optional[EpochPlan] = None
+        self.start_micro = 0
+        self._params: Optional[CropFlipParams] = None
+        if self.mode == "device":
+            # Copied once; every later batch is a gather on the device.
+            self.images = split.images.to(self.device)
+            self.labels = split.labels.to(self.device)
+        else:
+            ds = split.dataset if split.dataset is not None else _InMemory(split.images, split.labels)
+            workers = cfg.data.num_workers
+            if workers is None:
+                workers = 0 if split.images is not None else default_num_workers(local_world_size)
+            self.sample_shape = (3, cfg.model.input_size, cfg.model.input_size) if split.images is None else tuple(split.images.shape[1:])
+            self.batch_sampler = PlanBatchSampler() if train else IndexBatchSampler(eval_shard(len(split), world_size, rank), self.batch_size)
+            self.loader = torch.utils.data.DataLoader(
+                ds, batch_sampler=self.batch_sampler, num_workers=workers, collate_fn=self._collate,
+                pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
+                prefetch_factor=4 if workers > 0 else None,
+            )
+
+    def _choose_mode(self, wanted: str) -> str:
+        in_memory = self.split.images is not None
+        if wanted == "device" and not in_memory:
+            raise UserError("config key 'data.loader=device' needs an in-memory dataset (cifar10, synthetic); "
+                            "image folders use data.loader=dataloader")
+        if wanted == "auto":
+            if not in_memory:
+                return "dataloader"
+            if self.device.type == "cuda":
+                free, _ = torch.cuda.mem_get_info(self.device)
+                return "device" if self.split.images.numel() * 2 < free // 4 else "dataloader"
+            return "device"
+        return wanted
+
+    def _collate(self, batch):
+        if not batch:  # a rank's share of the last global batch can be empty
+            return (torch.empty((0, *self.sample_shape), dtype=torch.uint8), torch.empty(0, dtype=torch.int64),
+                    torch.empty(0, dtype=torch.int64))
+        imgs, labels, idx = zip(*batch)
+        return torch.stack(imgs), torch.as_tensor(labels, dtype=torch.int64), torch.as_tensor(idx, dtype=torch.int64)
+
+    # -- training --------------------------------------------------------------------------------
+    def set_epoch(self, plan: EpochPlan, start_micro: int = 0) -> None:
+        """Start ``plan`` at micro-batch ``start_micro``; skipped batches are never read."""
+        self.plan, self.start_micro = plan, start_micro
+        if self.augment:
+            self._params = CropFlipParams.draw(len(self.split), self.cfg.train.seed, plan.epoch)
+            if self.mode == "device":
+                self._params = self._params.to(self.device)
+        if self.mode == "dataloader":
+            self.batch_sampler.set_plan(plan, start_micro)
+            if self.split.dataset is not None and hasattr(self.split.dataset, "set_epoch"):
+                self.split.dataset.set_epoch(plan.epoch)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(normalised images, labels, dataset indices) on the device."""
+        if self.mode == "device":
+            if self.train:
+                for m in range(self.start_micro, self.plan.num_micro_batches):
+                    yield self._finish(*self._gather(self.plan.micro_indices(m)))
+            else:
+                shard = eval_shard(len(self.split), self.world_size, self.rank)
+                for i in range(0, len(shard), self.batch_size):
+                    yield self._finish(*self._gather(shard[i : i + self.batch_size]))
+        else:
+            nb = self.device.type == "cuda"
+            for x, y, idx in self.loader:
+                yield self._finish(x.to(self.device, non_blocking=nb), y.to(self.device, non_blocking=nb), idx)
+
+    def _gather(self, idx: torch.Tensor):
+        idx_dev = idx.to(self.device, non_blocking=True)
+        return self.images[idx_dev], self.labels[idx_dev], idx
+
+    def _finish(self, x, y, idx):
+        if self.augment:
+            x = crop_flip(x, self._params.take(idx.to(self._params.dx.device)))
+        return self.normalize(x), y, idx

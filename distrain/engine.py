@@ -1,0 +1,552 @@
+"""The training engine: one readable loop over epochs and optimizer steps, on any world size.
+
+Accelerate places the model, wraps it in DDP and runs mixed precision; the engine owns everything that
+decides *what* is computed, so results do not depend on how many processes run:
+
+- Data order and sharding come from `data.sampling.EpochPlan`; loaders are never given to
+  `accelerator.prepare()` (it would shard them a second time).
+- Each micro-batch's loss is a *sum* scaled by ``world_size / images_in_this_optimizer_step``: after
+  DDP averages over ranks, the gradient is the mean over exactly the images of the step, however they
+  were split between ranks and micro-batches.
+- Gradient accumulation uses ``no_sync`` on all but the last micro-batch (no all-reduce in between).
+- The LR scheduler is stepped here, once per optimizer step (Accelerate's wrapper would step it once per
+  process).
+
+Every phase that can fail on bad input runs through `_agree`, so all ranks raise the same UserError
+instead of one failing while the others wait forever in a collective.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from distrain import checkpoint as ckpt
+from distrain.config import Config, dump_config
+from distrain.data.pipeline import InputPipeline, Split, load_split, normalization, prepare_data
+from distrain.data.sampling import EpochPlan, derived_seed
+from distrain.errors import UserError
+from distrain.export import export_model, model_info
+from distrain.metrics import MetricsLogger, confusion_matrix
+from distrain.models import backbone_and_head, build_model, count_parameters
+from distrain.optim import build_optimizer, build_scheduler
+from distrain.progress import Progress
+
+
+# ----------------------------------------------------------------------------------------------------
+# Device and precision
+
+
+@dataclass
+class Runtime:
+    device: str  # "cpu" or "cuda"
+    precision: str  # what actually runs: "no", "fp16", "bf16"
+    note: str  # one line for the log: what was asked, what runs, why
+
+
+def resolve_runtime(device: str, precision: str) -> Runtime:
+    """Decide device and precision before any process group exists; the same answer on every rank."""
+    has_cuda = torch.cuda.is_available()
+    if device == "cuda" and not has_cuda:
+        raise UserError("config key 'train.device=cuda' but no CUDA GPU is visible; use train.device=auto or cpu")
+    dev = "cuda" if (device == "cuda" or (device == "auto" and has_cuda)) else "cpu"
+    bf16_ok = dev == "cuda" and torch.cuda.is_bf16_supported()
+    if precision == "auto":
+        if dev == "cpu":
+            return Runtime(dev, "no", "mixed precision auto -> fp32 (no CUDA GPU; CPU autocast would be slower)")
+        p = "bf16" if bf16_ok else "fp16"
+        return Runtime(dev, p, f"mixed precision auto -> {p} on {torch.cuda.get_device_name()}")
+    if precision == "fp16" and dev == "cpu":
+        raise UserError("config key 'train.mixed_precision=fp16' needs a CUDA GPU and none is in use; "
+                        "use train.mixed_precision=bf16 (CPU autocast), no or auto")
+    if precision == "bf16" and dev == "cuda" and not bf16_ok:
+        raise UserError(f"config key 'train.mixed_precision=bf16': {torch.cuda.get_device_name()} has no bf16 support; "
+                        "use fp16 or auto")
+    if precision == "bf16" and dev == "cpu":
+        return Runtime(dev, "bf16", "mixed precision bf16 -> bf16 autocast on the CPU (as asked)")
+    return Runtime(dev, precision, f"mixed precision {precision} on {dev}")
+
+
+def make_accelerator(rt: Runtime, find_unused: bool = False):
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    # gradient_as_bucket_view saves a gradient-sized copy (VGG16: 0.5 GB in fp32).
+    ddp = DistributedDataParallelKwargs(gradient_as_bucket_view=True, find_unused_parameters=find_unused)
+    return Accelerator(cpu=rt.device == "cpu", mixed_precision=rt.precision, kwargs_handlers=[ddp],
+                       step_scheduler_with_optimizer=False)
+
+
+def autocast(device_type: str, precision: str):
+    """torch.autocast for the precision that runs (a no-op for fp32)."""
+    if precision == "no":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Progress
+
+
+@dataclass
+class TrainState:
+    """Where training is; saved in every checkpoint. Steps are optimizer steps."""
+
+    epoch: int = 0
+    step_in_epoch: int = 0  # optimizer steps done in `epoch`
+    global_step: int = 0
+    best_accuracy: Optional[float] = None
+    best_step: Optional[int] = None
+    # Running totals of the current epoch on this rank (so a resumed epoch reports whole-epoch numbers).
+    epoch_loss_sum: float = 0.0
+    epoch_correct: int = 0
+    epoch_samples: int = 0
+    finished: bool = False
+
+
+class Trainer:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.rt = resolve_runtime(cfg.train.device, cfg.train.mixed_precision)
+        self.accelerator = make_accelerator(self.rt)
+        acc = self.accelerator
+        self.rank, self.world = acc.process_index, acc.num_processes
+        self.is_main = acc.is_main_process
+        self.device = acc.device
+        self.run_dir = Path(cfg.output_dir)
+        self.state = TrainState()
+        self.signals = None
+        self.progress = Progress(enabled=self.is_main, mode=cfg.log.progress)
+        # Agreeing on a stop is a collective; on GPUs do it every few steps to avoid a host sync per step.
+        self.stop_check_every = 1 if self.rt.device == "cpu" else 8
+
+    # -- agreement between ranks ------------------------------------------------------------------
+    def _agree(self, what: str, fn: Callable, main_only: bool = False):
+        """Run ``fn`` (on every rank, or the main one while the others wait); fail everywhere if it fails anywhere."""
+        err: Optional[str] = None
+        out = None
+        if self.is_main or not main_only:
+            try:
+                out = fn()
+            except UserError as e:
+                err = "user:" + str(e)
+            except Exception as e:  # noqa: BLE001 - re-raised on every rank below
+                err = f"bug:{what} failed on rank {self.rank}: {type(e).__name__}: {e}"
+                if self.world == 1:
+                    raise
+        if self.world > 1:
+            from accelerate.utils import gather_object
+
+            errs = [e for e in gather_object([err]) if e]
+            err = errs[0] if errs else None
+        if err:
+            kind, msg = err.split(":", 1)
+            if kind == "user":
+                raise UserError(msg)
+            raise RuntimeError(msg)
+        return out
+
+    def any_rank(self, flag: bool) -> bool:
+        if self.world == 1:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        return bool(self.accelerator.reduce(t, reduction="sum").item() > 0)
+
+    def log(self, msg: str) -> None:
+        self.progress.write(msg)
+
+    # -- setup ------------------------------------------------------------------------------------
+    def _make_run_dir(self) -> None:
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            probe = self.run_dir / ".write-test"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as e:
+            raise UserError(f"config key 'output_dir': cannot write to '{self.run_dir}': {e.strerror or e}") from None
+        dump_config(self.cfg, self.run_dir / "config.yaml")
+
+    def setup(self) -> None:
+        cfg, acc = self.cfg, self.accelerator
+        self._agree("create the run directory", self._make_run_dir, main_only=True)
+        self.ckpts = ckpt.CheckpointManager(self.run_dir / "checkpoints", self)
+        self._agree("clean up interrupted checkpoint writes", self.ckpts.clean_temporaries, main_only=True)
+        # Rank 0 downloads first; the others only read once it is there.
+        self._agree("prepare the data", lambda: prepare_data(cfg), main_only=True)
+        self.train_split: Split = self._agree("load the training data", lambda: load_split(cfg, train=True))
+        self.test_split: Split = self._agree("load the test data", lambda: load_split(cfg, train=False))
+        if cfg.data.name == "imagefolder":
+            from distrain.data.imagefolder import check_same_classes
+
+            self._agree("compare class folders", lambda: check_same_classes(self.train_split.classes, self.test_split.classes))
+
+        # The same initial weights on every rank (as one process would have), then per-rank streams.
+        seed_everything(cfg.train.seed)
+        model = self._agree("build the model", self._build_model, main_only=False)
+        seed_everything(derived_seed(cfg.train.seed, self.rank, 1))
+        self.num_params = count_parameters(model)
+        optimizer = build_optimizer(model, cfg.train, cfg.model, self.rt.device)
+        self.steps_per_epoch = self.plan(0).num_steps
+        self.total_steps = cfg.train.epochs * self.steps_per_epoch
+        if cfg.train.max_steps is not None:
+            self.total_steps = min(self.total_steps, cfg.train.max_steps)
+        self.scheduler = build_scheduler(optimizer, cfg.train, self.steps_per_epoch, self.total_steps)
+        if cfg.model.compile:
+            model = torch.compile(model)
+        self.model, self.optimizer = acc.prepare(model, optimizer)
+
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        self.train_data = InputPipeline(self.train_split, cfg, self.device, self.rank, self.world, train=True,
+                                        local_world_size=local_world)
+        self.test_data = InputPipeline(self.test_split, cfg, self.device, self.rank, self.world, train=False,
+                                       local_world_size=local_world, eval_batch_size=max(cfg.train.batch_size, 256))
+        self.metrics = MetricsLogger(self.run_dir, enabled=self.is_main, tensorboard=cfg.log.tensorboard)
+
+        resumed = self._agree("find a checkpoint to resume", self.ckpts.find_resume)
+        if resumed is not None:
+            self.state = self.ckpts.load(resumed)
+            self.log(f"resumed from {resumed} at epoch {self.state.epoch} step {self.state.global_step}")
+
+    def _build_model(self):
+        cfg = self.cfg
+        model = build_model(cfg.model.name, num_classes=cfg.model.num_classes)
+        if cfg.model.pretrained or cfg.model.weights_path:
+            from distrain.weights import load_pretrained
+
+            load_pretrained(model, cfg.model)
+        if cfg.model.freeze_features:
+            for p in backbone_and_head(model)[0]:
+                p.requires_grad_(False)
+        if cfg.model.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        return model
+
+    def plan(self, epoch: int) -> EpochPlan:
+        t = self.cfg.train
+        return EpochPlan(len(self.train_split), t.batch_size, self.world, self.rank, t.grad_accum_steps,
+                         t.seed, epoch, shuffle=True)
+
+    @property
+    def global_batch(self) -> int:
+        return self.cfg.train.batch_size * self.world * self.cfg.train.grad_accum_steps
+
+    # -- the loop ---------------------------------------------------------------------------------
+    def fit(self) -> int:
+        """Train to the end or to a requested stop; returns the process exit code."""
+        cfg, st = self.cfg, self.state
+        self.banner()
+        t_start = time.time()
+        if st.epoch >= cfg.train.epochs or self.reached_max_steps():
+            st.finished = True  # e.g. resumed with a shorter schedule than the checkpoint's
+        while not st.finished:
+            if self.train_one_epoch(st.epoch):
+                self.ckpts.save(reason="stop")
+                self.log(f"stopped at step {st.global_step}: checkpoint saved in {self.ckpts.dir}")
+                return self.after_stop()
+            epoch_done = st.step_in_epoch >= self.steps_per_epoch
+            last = self.reached_max_steps() or (epoch_done and st.epoch + 1 >= cfg.train.epochs)
+            result = None
+            if last or (epoch_done and (st.epoch + 1) % cfg.train.eval_every_epochs == 0):
+                result = self.evaluate(st.epoch)
+            if epoch_done:
+                st.epoch += 1
+                st.step_in_epoch = 0
+                st.epoch_loss_sum, st.epoch_correct, st.epoch_samples = 0.0, 0, 0
+            st.finished = last
+            self.ckpts.save(reason="final" if last else "epoch", accuracy=result["accuracy"] if result else None)
+        self.export()
+        self.summary(time.time() - t_start)
+        return 0
+
+    def after_stop(self) -> int:
+        """After the stop checkpoint: requeue the SLURM job on its time-limit signal, then exit."""
+        from distrain import signals
+
+        if self.signals is not None and self.signals.requeue and self.is_main:
+            try:
+                signals.requeue_slurm_job()
+                self.log(f"requeued SLURM job {signals.slurm_job_ref()}")
+            except Exception as e:  # noqa: BLE001 - the checkpoint is safe; say why the requeue failed
+                self.log(f"warning: could not requeue the SLURM job: {e}")
+        return signals.EXIT_STOPPED
+
+    def reached_max_steps(self) -> bool:
+        return self.cfg.train.max_steps is not None and self.state.global_step >= self.cfg.train.max_steps
+
+    def train_one_epoch(self, epoch: int) -> bool:
+        """One epoch from `state.step_in_epoch` on; returns True when a stop was requested."""
+        cfg, st, acc = self.cfg, self.state, self.accelerator
+        plan = self.plan(epoch)
+        self.train_data.set_epoch(plan, start_micro=st.step_in_epoch * cfg.train.grad_accum_steps)
+        self.model.train()
+        batches = iter(self.train_data)
+        # Sums on the device, read only at log intervals: no host synchronisation per step.
+        run_loss = torch.zeros((), device=self.device)
+        run_correct = torch.zeros((), device=self.device, dtype=torch.long)
+        run_samples = 0
+        t0, seen_since = time.time(), 0
+        trace = [] if cfg.log.trace_samples else None
+        first_step = st.step_in_epoch
+        self.progress.start_epoch(epoch, plan.num_steps, st.step_in_epoch)
+        for step in range(st.step_in_epoch, plan.num_steps):
+            step_total = plan.step_samples(step)
+            micro = plan.micro_batches_of_step(step)
+            for j, _ in enumerate(micro):
+                x, y, idx = next(batches)
+                if trace is not None:
+                    trace.append(idx.tolist())
+                last = j == len(micro) - 1
+                with contextlib.nullcontext() if last else acc.no_sync(self.model):
+                    logits = self.model(x)
+                    loss_sum = F.cross_entropy(logits.float(), y, reduction="sum",
+                                               label_smoothing=cfg.train.label_smoothing)
+                    acc.backward(loss_sum * (self.world / step_total))
+                run_loss += loss_sum.detach()
+                run_correct += (logits.detach().argmax(1) == y).sum()
+                run_samples += len(y)
+            if cfg.train.grad_clip is not None:
+                acc.clip_grad_norm_(self.model.parameters(), cfg.train.grad_clip)
+            self.optimizer.step()
+            if not acc.optimizer_step_was_skipped:
+                self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            st.step_in_epoch = step + 1
+            st.global_step += 1
+            seen_since += step_total
+
+            if st.global_step % cfg.log.every_steps == 0 or st.step_in_epoch == plan.num_steps:
+                self._fold_running(run_loss, run_correct, run_samples)
+                run_loss.zero_(), run_correct.zero_()
+                run_samples = 0
+                dt = time.time() - t0
+                self.log_step(epoch, seen_since / max(dt, 1e-9))
+                t0, seen_since = time.time(), 0
+            if cfg.checkpoint.every_steps and st.global_step % cfg.checkpoint.every_steps == 0:
+                self._fold_running(run_loss, run_correct, run_samples)
+                run_loss.zero_(), run_correct.zero_()
+                run_samples = 0
+                self.ckpts.save(reason="every_steps")
+            if self.stop_requested():
+                self._fold_running(run_loss, run_correct, run_samples)
+                return True
+            if self.reached_max_steps():
+                break
+        self._fold_running(run_loss, run_correct, run_samples)
+        if trace is not None:
+            self._write_trace(f"train-epoch{epoch}-from{first_step}", trace)
+        self.progress.end_epoch()
+        self.log_epoch(epoch)
+        return False
+
+    def _write_trace(self, name: str, indices: list) -> None:
+        """log.trace_samples: the dataset indices this rank used, in order (auditing data order and sharding)."""
+        import json
+
+        d = self.run_dir / "trace"
+        d.mkdir(exist_ok=True)
+        (d / f"{name}-rank{self.rank}.json").write_text(json.dumps(indices))
+
+    def _fold_running(self, loss: torch.Tensor, correct: torch.Tensor, samples: int) -> None:
+        st = self.state
+        st.epoch_loss_sum += float(loss.item())
+        st.epoch_correct += int(correct.item())
+        st.epoch_samples += samples
+        self._last_interval = (float(loss.item()), samples)
+
+    def stop_requested(self) -> bool:
+        """Hook for preemption signals (set by the CLI); all ranks agree before anyone stops."""
+        signals = getattr(self, "signals", None)
+        if signals is None:
+            return False
+        if self.state.global_step % self.stop_check_every != 0:
+            return False
+        return self.any_rank(signals.requested)
+
+    def _reduce_sum(self, values: list[float]) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        if self.world > 1:
+            t = self.accelerator.reduce(t, reduction="sum")
+        return t.tolist()
+
+    def log_step(self, epoch: int, img_per_s: float) -> None:
+        loss_sum, n = self._last_interval
+        loss_sum, n = self._reduce_sum([loss_sum, float(n)])
+        loss = loss_sum / n if n else float("nan")
+        lr = self.scheduler.get_last_lr()[0]
+        self.progress.update(self.state.step_in_epoch, loss=loss, img_per_s=img_per_s, lr=lr)
+        self.metrics.scalars(self.state.global_step, **{"train/loss": loss, "train/lr": lr, "train/images_per_s": img_per_s})
+
+    def log_epoch(self, epoch: int) -> None:
+        st = self.state
+        loss_sum, correct, n = self._reduce_sum([st.epoch_loss_sum, float(st.epoch_correct), float(st.epoch_samples)])
+        rec = {"epoch": epoch, "step": st.global_step, "loss": loss_sum / max(n, 1), "accuracy": correct / max(n, 1),
+               "samples": int(n), "lr": self.scheduler.get_last_lr()[0]}
+        self.metrics.log("train", **rec)
+        self.metrics.scalars(st.global_step, **{"train/epoch_loss": rec["loss"], "train/epoch_accuracy": rec["accuracy"]})
+        self.log(f"epoch {epoch} train: loss {rec['loss']:.4f} accuracy {rec['accuracy']:.4f} ({int(n)} images)")
+
+    @torch.no_grad()
+    def evaluate(self, epoch: int) -> dict:
+        """Loss and accuracy over the whole test split, each image counted exactly once."""
+        model = self.accelerator.unwrap_model(self.model)  # no DDP hooks: ranks may run different batch counts
+        was_training = model.training
+        model.eval()
+        trace = [] if self.cfg.log.trace_samples else None
+        cm, loss_sum = eval_loop(model, self.test_data, self.accelerator, self.cfg.model.num_classes,
+                                 self.rt.precision, trace)
+        if trace is not None:
+            self._write_trace(f"eval-epoch{epoch}", trace)
+        model.train(was_training)
+        n = int(cm.sum().item())
+        result = {"epoch": epoch, "step": self.state.global_step, "loss": loss_sum.item() / max(n, 1),
+                  "accuracy": cm.diag().sum().item() / max(n, 1), "samples": n}
+        self.metrics.log("eval", **result)
+        self.metrics.scalars(self.state.global_step, **{"eval/loss": result["loss"], "eval/accuracy": result["accuracy"]})
+        self.last_eval = {**result, "confusion": cm.cpu()}
+        self.log(f"epoch {epoch} eval: loss {result['loss']:.4f} accuracy {result['accuracy']:.4f} ({n} images)")
+        if self.state.best_accuracy is None or result["accuracy"] > self.state.best_accuracy:
+            self.state.best_accuracy, self.state.best_step = result["accuracy"], self.state.global_step
+        return result
+
+    # -- end --------------------------------------------------------------------------------------
+    def export(self) -> None:
+        def write():
+            if self.is_main:
+                sd = self.accelerator.get_state_dict(self.model, unwrap=True)
+                mean, std = normalization(self.cfg)
+                export_model(self.run_dir, sd, model_info(self.cfg, self.train_split.classes, mean, std))
+
+        self.accelerator.wait_for_everyone()
+        self._agree("export the model", write, main_only=True)
+
+    def banner(self) -> None:
+        c, st = self.cfg, self.state
+        total, trainable = self.num_params
+        self.log(
+            f"distrain train: {c.model.name} on {c.data.name} | world size {self.world} on {self.rt.device} | "
+            f"{self.rt.note} | global batch {self.global_batch} ({c.train.batch_size} x {self.world} processes x "
+            f"{c.train.grad_accum_steps} accumulation) | train {len(self.train_split)} / test {len(self.test_split)} images | "
+            f"{total:,} parameters ({trainable:,} trainable) | {self.steps_per_epoch} steps/epoch, {self.total_steps} steps | "
+            f"run directory {self.run_dir}"
+        )
+        self.metrics.log("start", world_size=self.world, device=self.rt.device, precision=self.rt.precision,
+                         global_batch=self.global_batch, train_samples=len(self.train_split),
+                         test_samples=len(self.test_split), parameters=total, resumed_step=st.global_step)
+
+    def summary(self, seconds: float) -> None:
+        st = self.state
+        last = getattr(self, "last_eval", None)
+        final = f"{last['accuracy']:.4f}" if last else "n/a"
+        best = f"{st.best_accuracy:.4f} (step {st.best_step})" if st.best_accuracy is not None else "n/a"
+        self.log(f"done in {seconds:.1f} s: final accuracy {final}, best {best}; model in {self.run_dir / 'model.safetensors'}, "
+                 f"metrics in {self.run_dir / 'metrics.jsonl'}, TensorBoard in {self.run_dir / 'tb'}")
+        self.metrics.log("end", step=st.global_step, seconds=round(seconds, 3),
+                         final_accuracy=last["accuracy"] if last else None, best_accuracy=st.best_accuracy)
+        self.metrics.close()
+
+
+@torch.no_grad()
+def eval_loop(model, data: InputPipeline, accelerator, num_classes: int, precision: str = "no",
+              trace: Optional[list] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Confusion matrix and summed loss over the whole split, reduced over ranks (each image once)."""
+    device = accelerator.device
+    cm = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    for x, y, idx in data:
+        with autocast(device.type, precision):
+            logits = model(x)
+        if trace is not None:
+            trace.extend(idx.tolist())
+        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").double()
+        cm += confusion_matrix(logits.argmax(1), y, num_classes)
+    if accelerator.num_processes > 1:
+        cm = accelerator.reduce(cm, reduction="sum")
+        loss_sum = accelerator.reduce(loss_sum, reduction="sum")
+    return cm, loss_sum
+
+
+def run_eval(path: str, overrides: list[str], confusion_dir: Optional[str] = None) -> Optional[dict]:
+    """`distrain eval`: the test split through a trained model, on any world size; result on the main process."""
+    from distrain.config import Config, apply_overrides, config_from_dict
+    from distrain.export import load_model
+
+    loaded = load_model(path)
+    info = loaded.info
+    cfg = config_from_dict(_data_keys(loaded.config)) if loaded.config else Config()
+    cfg.model.name, cfg.model.num_classes = info["architecture"], info["num_classes"]
+    cfg.model.input_size = info["input_size"][-1]
+    cfg.model.pretrained, cfg.model.weights_path = False, None
+    cfg = apply_overrides(cfg, overrides)
+    rt = resolve_runtime(cfg.train.device, cfg.train.mixed_precision)
+    acc = make_accelerator(rt)
+    t = _EvalContext(acc)
+    t._agree("prepare the data", lambda: prepare_data(cfg), main_only=True)
+    split = t._agree("load the test data", lambda: load_split(cfg, train=False))
+    data = InputPipeline(split, cfg, acc.device, acc.process_index, acc.num_processes, train=False,
+                         eval_batch_size=max(cfg.train.batch_size, 256), mean_std=(info["mean"], info["std"]))
+    model = loaded.model.to(acc.device).eval()
+    cm, loss_sum = eval_loop(model, data, acc, cfg.model.num_classes, rt.precision)
+    if not acc.is_main_process:
+        return None
+    n = int(cm.sum().item())
+    from distrain.metrics import per_class_accuracy
+
+    classes = info.get("classes") or [str(i) for i in range(cfg.model.num_classes)]
+    result = {"accuracy": cm.diag().sum().item() / max(n, 1), "loss": loss_sum.item() / max(n, 1), "samples": n,
+              "dataset": cfg.data.name, "checkpoint": str(loaded.source), "world_size": acc.num_processes,
+              "per_class_accuracy": dict(zip(classes, per_class_accuracy(cm.cpu()))),
+              "confusion": cm.cpu()}
+    if confusion_dir:
+        from distrain.report import write_confusion
+
+        write_confusion(Path(confusion_dir), cm.cpu(), classes)
+    return result
+
+
+def _data_keys(run_cfg: dict) -> dict:
+    """The parts of a training run's config that eval reuses (data location and format, batch, device)."""
+    keep = {"data": run_cfg.get("data", {}), "train": {k: v for k, v in run_cfg.get("train", {}).items()
+                                                        if k in ("batch_size", "seed", "device", "mixed_precision")},
+            "model": {k: v for k, v in run_cfg.get("model", {}).items() if k in ("channels_last",)}}
+    return keep
+
+
+class _EvalContext:
+    """Just enough of a Trainer for `_agree` outside training."""
+
+    def __init__(self, acc):
+        self.accelerator, self.rank, self.world = acc, acc.process_index, acc.num_processes
+        self.is_main = acc.is_main_process
+
+    _agree = Trainer._agree
+
+
+def train(cfg: Config, signals=None) -> int:
+    trainer = Trainer(cfg)
+    trainer.signals = signals
+    try:
+        trainer.setup()
+        return trainer.fit()
+    finally:
+        trainer.progress.close()
+        if hasattr(trainer, "metrics"):
+            trainer.metrics.close()

@@ -1,0 +1,65 @@
+"""Optimizers and learning-rate schedules, stepped once per optimizer step whatever the world size."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from distrain.config import ModelConfig, TrainConfig
+from distrain.models import backbone_and_head
+
+
+def param_groups(model: nn.Module, train: TrainConfig, mcfg: ModelConfig) -> list[dict]:
+    """Trainable parameters only (frozen ones get no optimizer state); the backbone may get its own lr.
+
+    Biases and other 1-d parameters get no weight decay, as in the torchvision references.
+    """
+    backbone, head = backbone_and_head(model)
+    bb_ids = {id(p) for p in backbone}
+    groups: dict[tuple[bool, bool], list] = {}
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        key = (id(p) in bb_ids, p.ndim <= 1)
+        groups.setdefault(key, []).append(p)
+    out = []
+    for (is_bb, no_decay), params in sorted(groups.items()):
+        out.append({
+            "params": params,
+            "lr": train.lr * (mcfg.backbone_lr_mult if is_bb else 1.0),
+            "weight_decay": 0.0 if no_decay else train.weight_decay,
+            "name": ("backbone" if is_bb else "head") + ("_no_decay" if no_decay else ""),
+        })
+    return out
+
+
+def build_optimizer(model: nn.Module, train: TrainConfig, mcfg: ModelConfig, device_type: str = "cpu") -> torch.optim.Optimizer:
+    groups = param_groups(model, train, mcfg)
+    on_cuda = device_type == "cuda"
+    if train.optimizer == "sgd":
+        # foreach is the default on CPU and CUDA; fused SGD exists only for CUDA tensors.
+        return torch.optim.SGD(groups, lr=train.lr, momentum=train.momentum,
+                               nesterov=train.nesterov and train.momentum > 0, weight_decay=train.weight_decay)
+    return torch.optim.AdamW(groups, lr=train.lr, weight_decay=train.weight_decay, fused=on_cuda or None)
+
+
+def lr_factor(step: int, train: TrainConfig, steps_per_epoch: int, total_steps: int) -> float:
+    """Multiplier of the base lr after `step` optimizer steps: linear warm-up, then the schedule."""
+    if train.warmup_steps and step < train.warmup_steps:
+        return (step + 1) / train.warmup_steps
+    if train.scheduler == "none":
+        return 1.0
+    if train.scheduler == "step":
+        return train.step_gamma ** (step // max(1, train.step_epochs * steps_per_epoch))
+    # cosine from the end of warm-up to zero at the last step
+    span = max(1, total_steps - train.warmup_steps)
+    progress = min(1.0, (step - train.warmup_steps) / span)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_scheduler(optimizer, train: TrainConfig, steps_per_epoch: int, total_steps: int):
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, train, steps_per_epoch, total_steps)
+    )
