@@ -1,0 +1,90 @@
+"""Shared test plumbing: run distrain as a real subprocess (one or two CPU processes), fake data, free ports.
+
+Everything a test writes lives under its `tmp_path`; each multi-process test gets its own free port;
+subprocesses get OMP_NUM_THREADS=1 so parallel xdist workers do not oversubscribe the two cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def subprocess_env(**extra) -> dict:
+    env = dict(os.environ)
+    # The checkout under test, whatever is installed; threads kept to one per process.
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+                "TORCH_HOME": env.get("TORCH_HOME", ""), "CUDA_VISIBLE_DEVICES": ""})
+    if not env["TORCH_HOME"]:
+        env.pop("TORCH_HOME")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "ACCELERATE_MIXED_PRECISION"):
+        env.pop(k, None)
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def distrain_cmd(args: list[str], nprocs: int = 1, port: int | None = None) -> list[str]:
+    if nprocs == 1:
+        return [sys.executable, "-m", "distrain", *args]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nprocs),
+            "--num_machines", "1", "--main_process_port", str(port or free_port()), "--mixed_precision", "no",
+            "--dynamo_backend", "no", "-m", "distrain", *args]
+
+
+def run_distrain(args: list[str], nprocs: int = 1, timeout: float = 300, cwd: Path | None = None,
+                 env: dict | None = None, check: bool = False) -> subprocess.CompletedProcess:
+    """Run `distrain ARGS` (under `accelerate launch` with `nprocs` CPU processes when > 1)."""
+    proc = subprocess.run(distrain_cmd(args, nprocs), cwd=cwd or REPO, env=env or subprocess_env(),
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"distrain {' '.join(args)} exited {proc.returncode}\nSTDOUT:\n{proc.stdout}\nSTDERR:\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(l) for l in Path(path).read_text().splitlines() if l.strip()]
+
+
+def load_weights(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def max_abs_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+@pytest.fixture(scope="session")
+def cifar_root(tmp_path_factory) -> Path:
+    """A small CIFAR-10 in the official python layout (500 train / 100 test); read-only for tests."""
+    from fakes import write_fake_cifar10
+
+    root = tmp_path_factory.mktemp("cifar")
+    write_fake_cifar10(root, n_train=500, n_test=100, seed=0)
+    return root
+
+
+def smoke_args(out: Path, **over) -> list[str]:
+    """Overrides for a seconds-long run on synthetic data."""
+    base = {"output_dir": out, "data.name": "synthetic", "data.max_train_samples": 256, "data.max_test_samples": 64,
+            "train.epochs": 1, "train.batch_size": 32, "log.tensorboard": "false", "log.every_steps": 4}
+    base.update(over)
+    return [f"{k}={v}" for k, v in base.items()]
