@@ -22,6 +22,7 @@ import torch
 from distrain.config import Config
 from distrain.data import cifar10, synthetic
 from distrain.data.augment import CropFlipParams, Normalizer, crop_flip
+from distrain.data.cache import load_cifar10_cached
 from distrain.data.sampling import EpochPlan, IndexBatchSampler, PlanBatchSampler, eval_shard
 from distrain.errors import UserError
 
@@ -61,7 +62,8 @@ def load_split(cfg: Config, train: bool) -> Split:
     d = cfg.data
     limit = d.max_train_samples if train else d.max_test_samples
     if d.name == "cifar10":
-        images, labels, classes = cifar10.load_cifar10(d.root, train=train, verify=d.verify, max_samples=limit)
+        # Decoded once and cached next to the data (invalidated when the files change): data/cache.py.
+        images, labels, classes = load_cifar10_cached(d.root, train=train, verify=d.verify, max_samples=limit)
     elif d.name == "synthetic":
         images, labels, classes = synthetic.make_synthetic(
             train=train, seed=cfg.train.seed, num_classes=cfg.model.num_classes, max_samples=limit
@@ -97,6 +99,8 @@ class _InMemory(torch.utils.data.Dataset):
         return len(self.labels)
 
     def __getitem__(self, i):
+        if isinstance(i, tuple):  # (epoch, index) from PlanBatchSampler; in-memory images are augmented later
+            i = i[1]
         return self.images[i], self.labels[i], i
 
 
@@ -170,8 +174,6 @@ class InputPipeline:
                 self._params = self._params.to(self.device)
         if self.mode == "dataloader":
             self.batch_sampler.set_plan(plan, start_micro)
-            if self.split.dataset is not None and hasattr(self.split.dataset, "set_epoch"):
-                self.split.dataset.set_epoch(plan.epoch)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """(normalised images, labels, dataset indices) on the device."""

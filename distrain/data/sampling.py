@@ -91,7 +91,11 @@ def eval_shard(n: int, world_size: int, rank: int) -> torch.Tensor:
 
 
 class PlanBatchSampler(torch.utils.data.Sampler):
-    """Feeds a DataLoader the micro-batches of an EpochPlan, from a given micro-batch on (for resume)."""
+    """Feeds a DataLoader the micro-batches of an EpochPlan, from a given micro-batch on (for resume).
+
+    Items are ``(epoch, index)`` pairs: persistent workers hold their own copy of the dataset, so the
+    epoch (which seeds per-image augmentation) must travel with each index.
+    """
 
     def __init__(self, plan: EpochPlan | None = None, start_micro: int = 0):
         self.plan = plan
@@ -102,7 +106,7 @@ class PlanBatchSampler(torch.utils.data.Sampler):
 
     def __iter__(self):
         for m in range(self.start_micro, self.plan.num_micro_batches):
-            yield self.plan.micro_indices(m).tolist()
+            yield [(self.plan.epoch, i) for i in self.plan.micro_indices(m).tolist()]
 
     def __len__(self) -> int:
         return self.plan.num_micro_batches - self.start_micro

@@ -1,0 +1,223 @@
+"""Image-folder datasets: ``<root>/train/<class>/*`` and ``<root>/val/<class>/*`` (JPEG, PNG, ...).
+
+Files of any size and mode are decoded to RGB and cropped to a square ``size``. Training
+augmentation (random resized crop + horizontal flip) draws its randomness from ``(seed, epoch,
+index)`` alone, so an image's crop does not depend on the worker, process or resume point.
+Images stay uint8; normalisation happens later, on the device.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Sequence, Union
+
+import numpy as np
+import torch
+from PIL import Image
+
+from distrain.data.sampling import derived_seed
+from distrain.errors import UserError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+EVAL_RESIZE_RATIO = 1.14  # resize the shorter side to size*1.14, then center-crop (224 -> 255)
+CROP_SCALE = (0.35, 1.0)
+CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
+_AUG_TAG = 0x1F0D  # separates these seeds from other users of derived_seed(seed, epoch, ...)
+
+
+def _is_image_file(name: str) -> bool:
+    # Dot-files are skipped: macOS '._x.jpg' resource forks carry an image extension but no image.
+    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def scan_imagefolder(root: str, split: str) -> tuple[list[str], np.ndarray, list[str]]:
+    """(paths, int64 labels, class names) of ``<root>/<split>``.
+
+    Classes are the sorted sub-folder names; files are found recursively, sorted within each class,
+    and listed class by class (as torchvision's ImageFolder does), so labels are non-decreasing.
+    Files without an image extension (.jpg .jpeg .png .bmp .webp, any case) are ignored.
+    """
+    split_dir = os.path.join(os.fspath(root), split)
+    if not os.path.isdir(split_dir):
+        raise UserError(
+            f"image folder split '{split_dir}' does not exist; data.root must hold train/<class>/ and "
+            f"val/<class>/ folders of images"
+        )
+    classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
+    if not classes:
+        raise UserError(f"image folder split '{split_dir}' has no class folders; put each class's images in "
+                        f"'{split_dir}/<class name>/'")
+    paths: list[str] = []
+    labels: list[int] = []
+    for label, cls in enumerate(classes):
+        cls_dir = os.path.join(split_dir, cls)
+        found = []
+        for dirpath, dirnames, filenames in os.walk(cls_dir, followlinks=True):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            found.extend(os.path.join(dirpath, f) for f in filenames if _is_image_file(f))
+        if not found:
+            raise UserError(
+                f"class folder '{cls_dir}' has no images (looked for {', '.join(IMAGE_EXTENSIONS)}); "
+                f"add images or remove the folder from every split"
+            )
+        found.sort()
+        paths.extend(found)
+        labels.extend([label] * len(found))
+    return paths, np.asarray(labels, dtype=np.int64), classes
+
+
+def check_same_classes(train_classes: Sequence[str], val_classes: Sequence[str]) -> None:
+    """Labels are indices into the sorted class names, so both splits must have exactly the same classes."""
+    train_set, val_set = set(train_classes), set(val_classes)
+    if train_set == val_set:
+        return
+    parts = []
+    if train_set - val_set:
+        parts.append(f"only in train: {', '.join(sorted(train_set - val_set))}")
+    if val_set - train_set:
+        parts.append(f"only in val: {', '.join(sorted(val_set - train_set))}")
+    raise UserError(f"image folder train and val class folders differ ({'; '.join(parts)}); "
+                    f"give both splits the same class folders")
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode.startswith("I;16") or mode == "I":
+        # 16-bit PNGs: PIL's own conversion clips at 255 (almost all white); scale the range instead.
+        arr = np.asarray(img, dtype=np.float64)
+        arr = np.clip(arr / 257.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, mode="L").convert("RGB")
+    if mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        if np.isfinite(arr).all() and arr.size and arr.max() <= 1.0:
+            arr = arr * 255.0
+        arr = np.clip(np.nan_to_num(arr) + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, mode="L").convert("RGB")
+    if mode in ("P", "PA"):
+        # Palette transparency converts cleanly only through RGBA; the alpha is then dropped.
+        img = img.convert("RGBA")
+    if img.mode == "La":
+        img = img.convert("LA")
+    if img.mode == "RGBa":
+        img = img.convert("RGBA")
+    return img.convert("RGB")
+
+
+def load_image_rgb(path: str) -> Image.Image:
+    """Decode ``path`` to an RGB image, whatever its mode.
+
+    Alpha is dropped, not composited: a transparent pixel keeps its stored colour. 16-bit greyscale
+    is scaled to 8 bits. EXIF orientation is not applied (as torchvision's ImageFolder).
+    """
+    try:
+        with Image.open(path) as img:
+            img.load()  # decode now, inside the try, so truncated files fail here
+            rgb = _to_rgb(img)
+            rgb.load()
+            return rgb if rgb is not img else img.copy()
+    except Exception as e:  # UnidentifiedImageError, truncated data, DecompressionBombError, ...
+        raise UserError(f"cannot read image '{path}' ({type(e).__name__}: {e}); fix or delete the file") from e
+
+
+def eval_transform(img: Image.Image, size: int) -> Image.Image:
+    """Resize the shorter side to round(size*1.14), then center-crop ``size`` (torchvision Resize + CenterCrop)."""
+    w, h = img.size
+    short = int(round(size * EVAL_RESIZE_RATIO))
+    if w <= h:
+        new_w, new_h = short, int(short * h / w)
+    else:
+        new_w, new_h = int(short * w / h), short
+    img = img.resize((new_w, new_h), Image.BILINEAR)
+    top = int(round((new_h - size) / 2.0))
+    left = int(round((new_w - size) / 2.0))
+    return img.crop((left, top, left + size, top + size))
+
+
+def random_resized_crop_box(
+    width: int, height: int, g: torch.Generator, scale: tuple[float, float] = CROP_SCALE,
+    ratio: tuple[float, float] = CROP_RATIO,
+) -> tuple[int, int, int, int]:
+    """(top, left, h, w) as torchvision's RandomResizedCrop.get_params, drawing only from ``g``."""
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * torch.empty(1).uniform_(scale[0], scale[1], generator=g).item()
+        aspect = math.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1], generator=g).item())
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(torch.randint(0, height - h + 1, size=(1,), generator=g).item())
+            left = int(torch.randint(0, width - w + 1, size=(1,), generator=g).item())
+            return top, left, h, w
+    # Fallback to a central crop of the allowed aspect ratio.
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w = width
+        h = int(round(w / min(ratio)))
+    elif in_ratio > max(ratio):
+        h = height
+        w = int(round(h * max(ratio)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def train_transform(img: Image.Image, size: int, g: torch.Generator) -> Image.Image:
+    """Random resized crop to ``size`` then a horizontal flip with probability 1/2, all drawn from ``g``."""
+    top, left, h, w = random_resized_crop_box(img.width, img.height, g)
+    img = img.resize((size, size), Image.BILINEAR, box=(left, top, left + w, top + h))
+    if torch.rand(1, generator=g).item() < 0.5:
+        img = img.transpose(Image.FLIP_LEFT_RIGHT)
+    return img
+
+
+class ImageFolderDataset(torch.utils.data.Dataset):
+    """Decodes image files to ``(uint8 tensor (3, size, size), label, index)``.
+
+    With ``train and augment``: random resized crop (scale 0.35-1) + horizontal flip, seeded by
+    ``(seed, epoch, index)``; otherwise the eval resize + center crop. ``set_epoch`` changes the
+    epoch; a DataLoader with persistent workers keeps its own copy of the dataset, so a worker only
+    sees a later ``set_epoch`` if the index carries it: ``dataset[(epoch, i)]`` is also accepted.
+    """
+
+    def __init__(self, paths: Sequence[str], labels: Union[np.ndarray, Sequence[int]], size: int, train: bool,
+                 augment: bool, seed: int):
+        if len(paths) != len(labels):
+            raise ValueError(f"{len(paths)} paths but {len(labels)} labels")
+        if int(size) < 1:
+            raise UserError(f"image size must be >= 1, got {size}; set model.input_size")
+        self.paths = list(paths)
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.size = int(size)
+        self.train = bool(train)
+        self.augment = bool(augment) and self.train
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def item_generator(self, epoch: int, index: int) -> torch.Generator:
+        g = torch.Generator()
+        g.manual_seed(derived_seed(self.seed, epoch, index, _AUG_TAG))
+        return g
+
+    def __getitem__(self, index: Union[int, tuple[int, int]]) -> tuple[torch.Tensor, int, int]:
+        if isinstance(index, tuple):
+            epoch, i = int(index[0]), int(index[1])
+        else:
+            epoch, i = self.epoch, int(index)
+        img = load_image_rgb(self.paths[i])
+        if self.augment:
+            img = train_transform(img, self.size, self.item_generator(epoch, i))
+        else:
+            img = eval_transform(img, self.size)
+        # np.array copies: PIL's buffer may be read-only, and CHW must own contiguous memory.
+        x = torch.from_numpy(np.array(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1), order="C"))
+        return x, int(self.labels[i]), i
