@@ -76,14 +76,54 @@ def resolve_runtime(device: str, precision: str) -> Runtime:
     return Runtime(dev, precision, f"mixed precision {precision} on {dev}")
 
 
-def make_accelerator(rt: Runtime, find_unused: bool = False):
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs
+def deepspeed_requested() -> bool:
+    """True under `accelerate launch --config_file launch/deepspeed_zero2.yaml` (Accelerate's DeepSpeed mode)."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
 
-    # gradient_as_bucket_view saves a gradient-sized copy (VGG16: 0.5 GB in fp32).
-    ddp = DistributedDataParallelKwargs(gradient_as_bucket_view=True, find_unused_parameters=find_unused)
-    return Accelerator(cpu=rt.device == "cpu", mixed_precision=rt.precision, kwargs_handlers=[ddp],
+
+def make_accelerator(rt: Runtime, find_unused: bool = False, comm_hook: str = "none", static_graph: bool = False):
+    from accelerate import Accelerator
+    from accelerate.utils import DDPCommunicationHookType, DistributedDataParallelKwargs
+
+    # gradient_as_bucket_view saves a gradient-sized copy (VGG16: 0.5 GB in fp32). The comm hook all-reduces
+    # gradients in 16 bits (train.ddp_comm_hook); static_graph lets DDP skip per-step graph bookkeeping when
+    # the set of trained parameters never changes (not with model.unfreeze_after_epochs).
+    hook = {"none": DDPCommunicationHookType.NO, "bf16": DDPCommunicationHookType.BF16,
+            "fp16": DDPCommunicationHookType.FP16}[comm_hook]
+    ddp = DistributedDataParallelKwargs(gradient_as_bucket_view=True, find_unused_parameters=find_unused,
+                                        comm_hook=hook, static_graph=static_graph)
+    handlers: list = [ddp]
+    cpu = rt.device == "cpu"
+    if deepspeed_requested():
+        import importlib.util
+
+        missing = [m for m in ("deepspeed", "transformers") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise UserError(f"the accelerate config asks for DeepSpeed but {' and '.join(missing)} "
+                            f"{'is' if len(missing) == 1 else 'are'} not installed; pip install 'distrain[deepspeed]'")
+        # Accelerate turns DeepSpeed on only with cpu=False; on a CPU-only host its process group then needs
+        # an explicit backend, or every process believes it is rank 0 of 1.
+        cpu = False
+        if rt.device == "cpu":
+            if torch.cuda.is_available():
+                raise UserError("DeepSpeed with train.device=cpu on a host with GPUs is not supported; "
+                                "use train.device=auto")
+            from accelerate.utils import InitProcessGroupKwargs
+
+            handlers.append(InitProcessGroupKwargs(backend="gloo"))
+    return Accelerator(cpu=cpu, mixed_precision=rt.precision, kwargs_handlers=handlers,
                        step_scheduler_with_optimizer=False)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """Strip DDP (`.module`) and torch.compile (`._orig_mod`) wrappers."""
+    while True:
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel) or type(model).__name__ == "DeepSpeedEngine":
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
 
 
 def autocast(device_type: str, precision: str):
@@ -127,11 +167,16 @@ class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.rt = resolve_runtime(cfg.train.device, cfg.train.mixed_precision)
-        self.accelerator = make_accelerator(self.rt)
+        # static_graph: the trained parameters never change, unless the backbone is unfrozen later.
+        self.accelerator = make_accelerator(self.rt, comm_hook=cfg.train.ddp_comm_hook,
+                                            static_graph=cfg.model.unfreeze_after_epochs is None)
         acc = self.accelerator
         self.rank, self.world = acc.process_index, acc.num_processes
         self.is_main = acc.is_main_process
         self.device = acc.device
+        from accelerate.utils import DistributedType
+
+        self.is_deepspeed = acc.distributed_type == DistributedType.DEEPSPEED
         self.run_dir = Path(cfg.output_dir)
         self.state = TrainState()
         self.signals = None
@@ -190,8 +235,25 @@ class Trainer:
         self._agree("create the run directory", self._make_run_dir, main_only=True)
         self.ckpts = ckpt.CheckpointManager(self.run_dir / "checkpoints", self)
         self._agree("clean up interrupted checkpoint writes", self.ckpts.clean_temporaries, main_only=True)
+        self.build()
+        self.metrics = MetricsLogger(self.run_dir, enabled=self.is_main, tensorboard=cfg.log.tensorboard)
+
+        resumed = self._agree("find a checkpoint to resume", self.ckpts.find_resume)
+        if resumed is not None:
+            self.state = self._agree("load the checkpoint", lambda: self.ckpts.load(resumed))
+            self.log(f"resumed from {resumed} at epoch {self.state.epoch} step {self.state.global_step}")
+
+    def build(self) -> None:
+        """Data, model, optimizer, schedule and input pipelines; writes nothing (`distrain bench` uses it alone)."""
+        cfg, acc = self.cfg, self.accelerator
+        if self.rt.device == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels once
         # Rank 0 downloads first; the others only read once it is there.
         self._agree("prepare the data", lambda: prepare_data(cfg), main_only=True)
+        if cfg.model.pretrained:  # ImageNet weights: downloaded into the hub cache once; every rank loads from there
+            from distrain.weights import prepare_weights
+
+            self._agree("fetch the pretrained weights", lambda: prepare_weights(cfg), main_only=True)
         self.train_split: Split = self._agree("load the training data", lambda: load_split(cfg, train=True))
         self.test_split: Split = self._agree("load the test data", lambda: load_split(cfg, train=False))
         if cfg.data.name == "imagefolder":
@@ -212,19 +274,16 @@ class Trainer:
         self.scheduler = build_scheduler(optimizer, cfg.train, self.steps_per_epoch, self.total_steps)
         if cfg.model.compile:
             model = torch.compile(model)
+        if self.is_deepspeed:
+            self._agree("configure DeepSpeed", self._configure_deepspeed)
         self.model, self.optimizer = acc.prepare(model, optimizer)
+        self.unfrozen = False
 
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         self.train_data = InputPipeline(self.train_split, cfg, self.device, self.rank, self.world, train=True,
                                         local_world_size=local_world)
         self.test_data = InputPipeline(self.test_split, cfg, self.device, self.rank, self.world, train=False,
                                        local_world_size=local_world, eval_batch_size=max(cfg.train.batch_size, 256))
-        self.metrics = MetricsLogger(self.run_dir, enabled=self.is_main, tensorboard=cfg.log.tensorboard)
-
-        resumed = self._agree("find a checkpoint to resume", self.ckpts.find_resume)
-        if resumed is not None:
-            self.state = self.ckpts.load(resumed)
-            self.log(f"resumed from {resumed} at epoch {self.state.epoch} step {self.state.global_step}")
 
     def _build_model(self):
         cfg = self.cfg
@@ -239,6 +298,79 @@ class Trainer:
         if cfg.model.channels_last:
             model = model.to(memory_format=torch.channels_last)
         return model
+
+    def unwrapped(self) -> torch.nn.Module:
+        """The bare model under DDP / torch.compile wrappers.
+
+        Not accelerator.unwrap_model: it imports DeepSpeed whenever DeepSpeed is installed, which costs seconds
+        of CPU detection and prints to stdout.
+        """
+        return unwrap(self.model)
+
+    def model_state_dict(self) -> dict:
+        """Full state_dict of the bare model, as the export and checkpoints store it."""
+        if self.accelerator.distributed_type.value == "DEEPSPEED":
+            return self.accelerator.get_state_dict(self.model, unwrap=True)
+        return unwrap(self.model).state_dict()
+
+    def _configure_deepspeed(self) -> None:
+        """DeepSpeed's batch keys come from the run config (its train_batch_size assertion must hold).
+
+        DeepSpeed steps the optimizer inside ``accelerator.backward`` on the step's last micro-batch (see
+        `train_one_epoch`) and clips there, so gradient_clipping is train.grad_clip (0 = off; Accelerate's
+        default would be 1.0). The optimizer stays the torch one from `build_optimizer`.
+        """
+        cfg, t = self.cfg, self.cfg.train
+        plugin = self.accelerator.state.deepspeed_plugin
+        if plugin.zero_stage == 3:
+            raise UserError("DeepSpeed ZeRO stage 3 is not supported (VGG16's parameters fit every device; uneven "
+                            "evaluation shards would hang its parameter gathers); use launch/deepspeed_zero2.yaml")
+        if cfg.model.unfreeze_after_epochs is not None:
+            raise UserError("config key 'model.unfreeze_after_epochs' is not supported under DeepSpeed (its optimizer "
+                            "is built once over the trainable parameters); launch without the DeepSpeed config")
+        if t.ddp_comm_hook != "none":
+            self.log(f"warning: train.ddp_comm_hook={t.ddp_comm_hook} applies to DDP and is ignored under DeepSpeed")
+        ds = plugin.deepspeed_config
+        ds["train_micro_batch_size_per_gpu"] = t.batch_size
+        ds["gradient_accumulation_steps"] = t.grad_accum_steps
+        ds["train_batch_size"] = self.global_batch
+        ds["gradient_clipping"] = t.grad_clip or 0.0
+        self.accelerator.gradient_accumulation_steps = t.grad_accum_steps  # keeps Accelerate from warning
+
+    def maybe_unfreeze(self, epoch: int) -> None:
+        """model.unfreeze_after_epochs: from that epoch on, train the backbone too (also right after a resume).
+
+        The optimizer already holds the backbone (see optim.param_groups); DDP registered only the parameters
+        that required gradients when it was built, so it is built again around the same module.
+        """
+        n = self.cfg.model.unfreeze_after_epochs
+        if n is None or self.unfrozen or epoch < n:
+            return
+        module = self.model.module if isinstance(self.model, torch.nn.parallel.DistributedDataParallel) else self.model
+        for p in backbone_and_head(module)[0]:
+            p.requires_grad_(True)
+        if module is not self.model:
+            acc = self.accelerator
+            kwargs = acc.ddp_handler.to_kwargs() if acc.ddp_handler is not None else {}
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            ddp = torch.nn.parallel.DistributedDataParallel(module, device_ids=ids, output_device=ids and ids[0], **kwargs)
+            if acc.ddp_handler is not None:
+                acc.ddp_handler.register_comm_hook(ddp)
+            # Accelerate keeps the models it prepared (for unwrap/save); swap ours so the old wrapper can go.
+            acc._models[:] = [ddp if m is self.model else m for m in acc._models]
+            self.model = ddp
+        self.unfrozen = True
+        self.num_params = count_parameters(module)
+        self.log(f"epoch {epoch + 1}: backbone unfrozen (model.unfreeze_after_epochs={n}); "
+                 f"{self.num_params[1]:,} trainable parameters")
+
+    def _frozen_bn_eval(self) -> None:
+        """BatchNorm layers of a frozen backbone (vgg16_bn) keep their statistics: eval mode while frozen."""
+        if not self.cfg.model.freeze_features or self.unfrozen:
+            return
+        for m in self.unwrapped().modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and not any(p.requires_grad for p in m.parameters()):
+                m.eval()
 
     def plan(self, epoch: int) -> EpochPlan:
         t = self.cfg.train
@@ -297,8 +429,11 @@ class Trainer:
         cfg, st, acc = self.cfg, self.state, self.accelerator
         plan = self.plan(epoch)
         self.train_data.set_epoch(plan, start_micro=st.step_in_epoch * cfg.train.grad_accum_steps)
+        self.maybe_unfreeze(epoch)
         self.model.train()
+        self._frozen_bn_eval()
         batches = iter(self.train_data)
+        ds = self.is_deepspeed
         # Sums on the device, read only at log intervals: no host synchronisation per step.
         run_loss = torch.zeros((), device=self.device)
         run_correct = torch.zeros((), device=self.device, dtype=torch.long)
@@ -306,32 +441,43 @@ class Trainer:
         t0, seen_since = time.time(), 0
         trace = [] if cfg.log.trace_samples else None
         first_step = st.step_in_epoch
-        self.progress.start_epoch(epoch, plan.num_steps, st.step_in_epoch)
+        self.progress.start_epoch(epoch, plan.num_steps, st.step_in_epoch, epochs=cfg.train.epochs,
+                                  global_step=st.global_step, run_total_steps=self.total_steps)
         for step in range(st.step_in_epoch, plan.num_steps):
             step_total = plan.step_samples(step)
             micro = plan.micro_batches_of_step(step)
             for j, _ in enumerate(micro):
                 x, y, idx = next(batches)
+                if st.global_step == 0 and j == 0 and self.is_main:
+                    self._log_first_batch(x)  # TensorBoard: what the network sees, once per run
                 if trace is not None:
                     trace.append(idx.tolist())
                 last = j == len(micro) - 1
+                if ds:
+                    # DeepSpeed: accelerator.backward() runs engine.backward(), and on the step's last micro-batch
+                    # (sync_gradients) engine.step(): clip, optimizer step, zero_grad. The loss below is already
+                    # scaled for the whole step, so DeepSpeed must not divide it by its accumulation steps again.
+                    acc.sync_gradients = last
                 with contextlib.nullcontext() if last else acc.no_sync(self.model):
-                    logits = self.model(x)
+                    # Under DeepSpeed with bf16/fp16 the module itself is 16-bit: autocast casts the fp32 inputs.
+                    with autocast(self.device.type, self.rt.precision) if ds else contextlib.nullcontext():
+                        logits = self.model(x)
                     loss_sum = F.cross_entropy(logits.float(), y, reduction="sum",
                                                label_smoothing=cfg.train.label_smoothing)
-                    acc.backward(loss_sum * (self.world / step_total))
+                    acc.backward(loss_sum * (self.world / step_total), **({"scale_wrt_gas": False} if ds else {}))
                 run_loss += loss_sum.detach()
                 run_correct += (logits.detach().argmax(1) == y).sum()
                 run_samples += len(y)
-            if cfg.train.grad_clip is not None:
+            if cfg.train.grad_clip is not None and not ds:  # DeepSpeed clipped in engine.step()
                 acc.clip_grad_norm_(self.model.parameters(), cfg.train.grad_clip)
-            self.optimizer.step()
+            self.optimizer.step()  # a no-op under DeepSpeed (done in accelerator.backward)
             if not acc.optimizer_step_was_skipped:
                 self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             st.step_in_epoch = step + 1
             st.global_step += 1
             seen_since += step_total
+            self.progress.tick(st.step_in_epoch, st.global_step)
 
             if st.global_step % cfg.log.every_steps == 0 or st.step_in_epoch == plan.num_steps:
                 self._fold_running(run_loss, run_correct, run_samples)
@@ -340,13 +486,19 @@ class Trainer:
                 dt = time.time() - t0
                 self.log_step(epoch, seen_since / max(dt, 1e-9))
                 t0, seen_since = time.time(), 0
-            if cfg.checkpoint.every_steps and st.global_step % cfg.checkpoint.every_steps == 0:
+            # (The epoch's last step and the max_steps one are saved by fit() right after: no duplicate.)
+            if (cfg.checkpoint.every_steps and st.global_step % cfg.checkpoint.every_steps == 0
+                    and st.step_in_epoch < plan.num_steps and not self.reached_max_steps()):
                 self._fold_running(run_loss, run_correct, run_samples)
                 run_loss.zero_(), run_correct.zero_()
                 run_samples = 0
+                if trace is not None:  # what the checkpoint covers; trimmed to the resume point on resume
+                    self._write_trace(f"train-epoch{epoch}-from{first_step}", trace)
                 self.ckpts.save(reason="every_steps")
             if self.stop_requested():
                 self._fold_running(run_loss, run_correct, run_samples)
+                if trace is not None:
+                    self._write_trace(f"train-epoch{epoch}-from{first_step}", trace)
                 return True
             if self.reached_max_steps():
                 break
@@ -392,22 +544,56 @@ class Trainer:
         loss_sum, n = self._reduce_sum([loss_sum, float(n)])
         loss = loss_sum / n if n else float("nan")
         lr = self.scheduler.get_last_lr()[0]
-        self.progress.update(self.state.step_in_epoch, loss=loss, img_per_s=img_per_s, lr=lr)
+        if n and not math.isfinite(loss) and not getattr(self, "_warned_nonfinite", False):
+            self._warned_nonfinite = True
+            self.log(f"warning: the training loss is {loss} at step {self.state.global_step}: the run diverged; "
+                     f"lower train.lr (now {self.cfg.train.lr}), add train.warmup_steps or train.grad_clip")
+        self.progress.update(self.state.step_in_epoch, loss=loss, img_per_s=img_per_s, lr=lr,
+                             global_step=self.state.global_step)
         self.metrics.scalars(self.state.global_step, **{"train/loss": loss, "train/lr": lr, "train/images_per_s": img_per_s})
+        self._note_peak_memory()  # before gpu_memory() resets CUDA's peak counter
+        self.metrics.gpu_memory(self.state.global_step, self.device)
+        if n and not math.isfinite(loss) and not getattr(self, "_warned_diverged", False):
+            self._warned_diverged = True
+            self.log(f"warning: the training loss is {loss} at step {self.state.global_step}: the run has diverged. "
+                     f"Lower train.lr (now {self.cfg.train.lr:g}), add train.warmup_steps or set train.grad_clip")
+
+    def _note_peak_memory(self) -> None:
+        if self.device.type == "cuda":
+            self._peak_mem = max(getattr(self, "_peak_mem", 0), torch.cuda.max_memory_allocated(self.device))
+
+    def _epoch_peak_memory_gib(self) -> list[float]:
+        """This epoch's peak torch.cuda.max_memory_allocated of every rank, in GiB (collective)."""
+        self._note_peak_memory()
+        t = torch.tensor([self._peak_mem / 2**30], dtype=torch.float64, device=self.device)
+        self._peak_mem = 0
+        torch.cuda.reset_peak_memory_stats(self.device)
+        if self.world > 1:
+            t = self.accelerator.gather(t)
+        return [round(v, 3) for v in t.tolist()]
+
+    def _log_first_batch(self, x: torch.Tensor) -> None:
+        """The first training batch as TensorBoard sees it: augmented, de-normalised, one grid."""
+        mean, std = normalization(self.cfg)
+        self.metrics.image_grid("train/augmented_batch", x, mean, std, step=0)
 
     def log_epoch(self, epoch: int) -> None:
         st = self.state
         loss_sum, correct, n = self._reduce_sum([st.epoch_loss_sum, float(st.epoch_correct), float(st.epoch_samples)])
         rec = {"epoch": epoch, "step": st.global_step, "loss": loss_sum / max(n, 1), "accuracy": correct / max(n, 1),
                "samples": int(n), "lr": self.scheduler.get_last_lr()[0]}
+        if self.device.type == "cuda":  # peak allocated GPU memory of the epoch: the largest device, and each one
+            per_device = self._epoch_peak_memory_gib()
+            rec["peak_mem_gib"], rec["peak_mem_gib_per_device"] = max(per_device), per_device
         self.metrics.log("train", **rec)
         self.metrics.scalars(st.global_step, **{"train/epoch_loss": rec["loss"], "train/epoch_accuracy": rec["accuracy"]})
-        self.log(f"epoch {epoch} train: loss {rec['loss']:.4f} accuracy {rec['accuracy']:.4f} ({int(n)} images)")
+        self.log(f"epoch {epoch + 1}/{self.cfg.train.epochs} train: loss {rec['loss']:.4f} accuracy {rec['accuracy']:.4f} "
+                 f"({int(n)} images)")
 
     @torch.no_grad()
     def evaluate(self, epoch: int) -> dict:
         """Loss and accuracy over the whole test split, each image counted exactly once."""
-        model = self.accelerator.unwrap_model(self.model)  # no DDP hooks: ranks may run different batch counts
+        model = self.unwrapped()  # no DDP hooks: ranks may run different batch counts
         was_training = model.training
         model.eval()
         trace = [] if self.cfg.log.trace_samples else None
@@ -422,7 +608,9 @@ class Trainer:
         self.metrics.log("eval", **result)
         self.metrics.scalars(self.state.global_step, **{"eval/loss": result["loss"], "eval/accuracy": result["accuracy"]})
         self.last_eval = {**result, "confusion": cm.cpu()}
-        self.log(f"epoch {epoch} eval: loss {result['loss']:.4f} accuracy {result['accuracy']:.4f} ({n} images)")
+        self.metrics.confusion(self.state.global_step, self.last_eval["confusion"], self.test_split.classes)
+        self.log(f"epoch {epoch + 1}/{self.cfg.train.epochs} eval:  loss {result['loss']:.4f} accuracy {result['accuracy']:.4f} "
+                 f"({n} images)")
         if self.state.best_accuracy is None or result["accuracy"] > self.state.best_accuracy:
             self.state.best_accuracy, self.state.best_step = result["accuracy"], self.state.global_step
         return result
@@ -431,7 +619,7 @@ class Trainer:
     def export(self) -> None:
         def write():
             if self.is_main:
-                sd = self.accelerator.get_state_dict(self.model, unwrap=True)
+                sd = self.model_state_dict()
                 mean, std = normalization(self.cfg)
                 export_model(self.run_dir, sd, model_info(self.cfg, self.train_split.classes, mean, std))
 
@@ -439,15 +627,38 @@ class Trainer:
         self._agree("export the model", write, main_only=True)
 
     def banner(self) -> None:
+        """What is about to run, as it will actually run (main process; also TensorBoard text 'run')."""
         c, st = self.cfg, self.state
         total, trainable = self.num_params
-        self.log(
-            f"distrain train: {c.model.name} on {c.data.name} | world size {self.world} on {self.rt.device} | "
-            f"{self.rt.note} | global batch {self.global_batch} ({c.train.batch_size} x {self.world} processes x "
-            f"{c.train.grad_accum_steps} accumulation) | train {len(self.train_split)} / test {len(self.test_split)} images | "
-            f"{total:,} parameters ({trainable:,} trainable) | {self.steps_per_epoch} steps/epoch, {self.total_steps} steps | "
-            f"run directory {self.run_dir}"
-        )
+        w = self.world
+        if self.rt.device == "cuda":
+            devices = f"{w} x {torch.cuda.get_device_name(self.device)} (one process per GPU)"
+        else:
+            n = torch.get_num_threads()
+            devices = f"{w} CPU process{'es' if w > 1 else ''}, {n} thread{'s' if n > 1 else ''} each"
+        precision = {"no": "fp32", "bf16": "bf16 autocast", "fp16": "fp16 autocast with loss scaling"}.get(
+            self.rt.precision, self.rt.precision)
+        steps = f"{c.train.epochs} epoch{'s' if c.train.epochs > 1 else ''} x {self.steps_per_epoch} steps"
+        if c.train.max_steps is not None and c.train.max_steps < c.train.epochs * self.steps_per_epoch:
+            steps += f", stopping at train.max_steps={c.train.max_steps}"
+        lines = [
+            f"distrain train: {c.model.name} on {c.data.name}",
+            f"  devices     {devices}; world size {w}",
+            f"  precision   {precision} - {self.rt.note}",
+            f"  batch       global {self.global_batch} = {c.train.batch_size} per process x {w} process{'es' if w > 1 else ''}"
+            f" x {c.train.grad_accum_steps} accumulation step{'s' if c.train.grad_accum_steps > 1 else ''}",
+            f"  data        {len(self.train_split):,} train / {len(self.test_split):,} test images, "
+            f"{len(self.train_split.classes)} classes, augmentation {'on' if c.data.augment else 'off'}",
+            f"  model       {total:,} parameters ({trainable:,} trainable)",
+            f"  schedule    {steps} = {self.total_steps} optimizer steps; {c.train.optimizer} lr {c.train.lr:g}, "
+            f"{c.train.scheduler} schedule",
+            f"  run dir     {self.run_dir.resolve()}",
+        ]
+        if st.global_step:
+            lines.append(f"  resumed     at epoch {st.epoch + 1}, step {st.global_step} of {self.total_steps}")
+        self.log("\n".join(lines))
+        self.metrics.text("run", "\n".join("    " + l for l in lines), st.global_step)
+        self.metrics.config(c, st.global_step)
         self.metrics.log("start", world_size=self.world, device=self.rt.device, precision=self.rt.precision,
                          global_batch=self.global_batch, train_samples=len(self.train_split),
                          test_samples=len(self.test_split), parameters=total, resumed_step=st.global_step)
@@ -455,13 +666,46 @@ class Trainer:
     def summary(self, seconds: float) -> None:
         st = self.state
         last = getattr(self, "last_eval", None)
-        final = f"{last['accuracy']:.4f}" if last else "n/a"
-        best = f"{st.best_accuracy:.4f} (step {st.best_step})" if st.best_accuracy is not None else "n/a"
-        self.log(f"done in {seconds:.1f} s: final accuracy {final}, best {best}; model in {self.run_dir / 'model.safetensors'}, "
-                 f"metrics in {self.run_dir / 'metrics.jsonl'}, TensorBoard in {self.run_dir / 'tb'}")
+        final = f"{last['accuracy']:.4f} (loss {last['loss']:.4f})" if last else "n/a"
+        best = f"{st.best_accuracy:.4f} at step {st.best_step}" if st.best_accuracy is not None else "n/a"
+        d = self.run_dir.resolve()
+        m, s = divmod(seconds, 60)
+        lines = [
+            f"distrain train: done in {int(m)} min {s:.1f} s" if m else f"distrain train: done in {s:.1f} s",
+            f"  accuracy    final {final}, best {best}",
+            f"  model       {d / 'model.safetensors'} (+ model.json)",
+            f"  checkpoints {d / 'checkpoints'}",
+            f"  metrics     {d / 'metrics.jsonl'}",
+        ]
+        if self.cfg.log.tensorboard:
+            lines.append(f"  tensorboard tensorboard --logdir {d / 'tb'}")
+        lines.append(f"  next        distrain eval --checkpoint {d}   |   distrain predict --checkpoint {d} IMAGE ...")
+        self.log("\n".join(lines))
+        self.metrics.hparams(self.hparams(), {
+            "hparam/final_accuracy": last["accuracy"] if last else None,
+            "hparam/final_loss": last["loss"] if last else None,
+            "hparam/best_accuracy": st.best_accuracy,
+        }, step=st.global_step)
         self.metrics.log("end", step=st.global_step, seconds=round(seconds, 3),
                          final_accuracy=last["accuracy"] if last else None, best_accuracy=st.best_accuracy)
         self.metrics.close()
+
+    def hparams(self) -> dict:
+        """Flat config for TensorBoard's HPARAMS tab (paths, logging switches and nulls left out), plus what ran."""
+        skip = {"output_dir", "resume", "data.root", "model.weights_path", "data.num_workers", "data.loader"}
+        out: dict = {}
+
+        def flat(d: dict, prefix: str = "") -> None:
+            for k, v in d.items():
+                if isinstance(v, dict):
+                    flat(v, prefix + k + ".")
+                elif v is not None and prefix + k not in skip and not (prefix + k).startswith(("log.", "checkpoint.")):
+                    out[prefix + k] = v
+
+        flat(self.cfg.to_dict())
+        out.update({"run.world_size": self.world, "run.global_batch": self.global_batch,
+                    "run.device": self.rt.device, "run.precision": self.rt.precision})
+        return out
 
 
 @torch.no_grad()
@@ -499,6 +743,10 @@ def run_eval(path: str, overrides: list[str], confusion_dir: Optional[str] = Non
     rt = resolve_runtime(cfg.train.device, cfg.train.mixed_precision)
     acc = make_accelerator(rt)
     t = _EvalContext(acc)
+    if confusion_dir:  # an unwritable report directory fails on every rank before the evaluation, not after
+        from distrain.report import prepare_dir
+
+        t._agree("create the --confusion directory", lambda: prepare_dir(Path(confusion_dir)), main_only=True)
     t._agree("prepare the data", lambda: prepare_data(cfg), main_only=True)
     split = t._agree("load the test data", lambda: load_split(cfg, train=False))
     data = InputPipeline(split, cfg, acc.device, acc.process_index, acc.num_processes, train=False,
