@@ -1,0 +1,193 @@
+"""Stop requests from signals: SLURM's time-limit warning, requeue/preemption/scancel, and Ctrl-C.
+
+Standalone on purpose (no torch.distributed, no accelerate): the handlers only set flags, and the training loop
+polls :attr:`StopSignals.requested` once per optimizer step, agrees with the other ranks (any rank asked => all
+stop), saves a checkpoint and exits with :data:`EXIT_STOPPED`.
+
+Who sends what (see slurm/train.sbatch):
+
+* ``SIGUSR1`` -- SLURM's warning before the time limit (``#SBATCH --signal=USR1@120``, no ``B:``, so it goes to
+  every process of the job steps on every node, not to the batch shell), or ``scancel --signal=USR1``.
+  Under SLURM the job should requeue itself after saving (:attr:`StopSignals.requeue`, :func:`requeue_slurm_job`)
+  so that it continues from the checkpoint; outside SLURM it is just a stop request. torch's elastic agent
+  (``accelerate launch``) would die of SIGUSR1, so launch/slurm_node.py starts it with SIGUSR1 ignored; the
+  workers inherit the ignored disposition until :meth:`StopSignals.install` sets the handler.
+* ``SIGTERM`` -- ``scancel``, ``scontrol requeue``, preemption, the time limit itself, or ``kill``. SLURM sends
+  SIGKILL ``KillWait`` seconds later (30 s by default; torch's elastic agent also kills its workers 30 s after
+  forwarding a SIGTERM), so finish the current step, save and exit well within that. SLURM requeues or cancels
+  the job by itself: no :func:`requeue_slurm_job` here.
+* ``SIGINT`` -- Ctrl-C. The first one asks for a clean stop; another SIGINT while a stop is pending raises
+  ``KeyboardInterrupt`` at once (no checkpoint). Under ``accelerate launch`` the terminal's Ctrl-C goes to the
+  launcher, which forwards one SIGINT to its workers (they run in their own sessions).
+
+Exit code: :data:`EXIT_STOPPED` = 75 (``EX_TEMPFAIL`` in sysexits.h: "temporary failure, try again"): the run did
+not finish but saved a checkpoint, and running the same command again resumes it (``resume=auto``). It is not 0
+so that ``distrain train ... && next-step`` does not go on with an unfinished model, and so that a retry loop
+(``until distrain train ...; do :; done``) or a restart-on-failure supervisor (k8s, systemd) runs it again; it is
+not 1 or 2 (errors, bad config) so that a wrapper can tell "stopped, resumable" from "failed". Under SLURM the
+exit code of a stopped run does not decide the job's fate: after SIGUSR1 the job has already requeued itself,
+after SIGTERM SLURM is cancelling/requeueing/preempting it. Note that ``accelerate launch`` reports a worker's
+75 as a failure (ChildFailedError, launcher exit 1), which is still non-zero.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+from types import FrameType
+from typing import Callable, Optional, Union
+
+EXIT_STOPPED: int = 75
+"""Exit code of a run that stopped early on request after saving a checkpoint (EX_TEMPFAIL; see module doc)."""
+
+_Handler = Union[Callable[[int, Optional[FrameType]], object], int, signal.Handlers, None]
+
+STOP_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+
+def in_slurm() -> bool:
+    """True inside a SLURM job (batch script, srun step or salloc shell)."""
+    return bool(os.environ.get("SLURM_JOB_ID") or os.environ.get("SLURM_JOBID"))
+
+
+def slurm_job_ref() -> Optional[str]:
+    """The job as ``scontrol`` names it: ``"123"``, or ``"123_4"`` for task 4 of array job 123; None outside SLURM."""
+    array_job, array_task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    if array_job and array_task:
+        return f"{array_job}_{array_task}"
+    return os.environ.get("SLURM_JOB_ID") or os.environ.get("SLURM_JOBID") or None
+
+
+def requeue_slurm_job(timeout: float = 60.0) -> None:
+    """Ask SLURM to requeue this job (``scontrol requeue <ref>``); raise RuntimeError (with scontrol's stderr) if not.
+
+    Call it once (global rank 0), after the checkpoint is written and every rank has passed a barrier: SLURM then
+    sends SIGTERM to the whole job (and SIGKILL after KillWait), and the job goes back to the queue with the same
+    job id, so the next run finds the same run directory. Needs a job submitted with ``--requeue`` (or a cluster
+    with ``JobRequeue=1``).
+    """
+    ref = slurm_job_ref()
+    if ref is None:
+        raise RuntimeError("cannot requeue: not running inside a SLURM job (SLURM_JOB_ID is not set)")
+    try:
+        proc = subprocess.run(
+            ["scontrol", "requeue", ref], capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
+        )
+    except FileNotFoundError:
+        raise RuntimeError(f"cannot requeue SLURM job {ref}: scontrol is not on PATH") from None
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"cannot requeue SLURM job {ref}: `scontrol requeue` did not answer in {timeout:g} s") from None
+    if proc.returncode != 0:
+        detail = (proc.stderr or proc.stdout or "").strip() or f"exit code {proc.returncode}"
+        raise RuntimeError(f"`scontrol requeue {ref}` failed: {detail}")
+
+
+class StopSignals:
+    """Installs handlers for SIGTERM, SIGINT, SIGUSR1 (and restores the old ones on uninstall); handlers only set flags.
+
+    Usage::
+
+        stop = StopSignals().install()
+        try:
+            for step in ...:
+                train_one_step()
+                if any_rank(stop.requested):          # e.g. an all-reduce of the flag
+                    save_checkpoint()
+                    if stop.requeue and is_main: requeue_slurm_job()
+                    sys.exit(EXIT_STOPPED)
+        finally:
+            stop.uninstall()
+
+    Also a context manager (``with StopSignals() as stop:``). Install from the main thread (Python runs signal
+    handlers only there). The first signal decides :attr:`reason`; later SIGTERM/SIGUSR1 are absorbed (SLURM sends
+    SIGTERM after the job requeued itself; the elastic agent forwards SIGTERM again). A SIGUSR1 under SLURM sets
+    :attr:`requeue` unless a SIGTERM came first (then SLURM is already cancelling, requeueing or preempting the
+    job). A SIGINT while a stop is pending raises KeyboardInterrupt: the second Ctrl-C stops at once.
+    """
+
+    def __init__(self, signals: tuple[signal.Signals, ...] = STOP_SIGNALS) -> None:
+        self._signals = tuple(signals)
+        self._old: dict[signal.Signals, _Handler] = {}
+        self._reason: Optional[str] = None
+        self._requeue = False
+        self._terminated = False
+        self._count = 0
+
+    # -- installation ------------------------------------------------------------------------------------------
+
+    def install(self) -> "StopSignals":
+        """Install the handlers (idempotent); returns self."""
+        if self._old:
+            return self
+        if threading.current_thread() is not threading.main_thread():
+            raise RuntimeError("StopSignals.install() must be called from the main thread")
+        for sig in self._signals:
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def uninstall(self) -> None:
+        """Restore the handlers that were there before :meth:`install` (idempotent). The flags are kept."""
+        old, self._old = self._old, {}
+        for sig, handler in old.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+
+    @property
+    def installed(self) -> bool:
+        return bool(self._old)
+
+    def __enter__(self) -> "StopSignals":
+        return self.install()
+
+    def __exit__(self, *exc) -> None:
+        self.uninstall()
+
+    # -- the handler: flags only -------------------------------------------------------------------------------
+
+    def _handle(self, signum: int, frame: Optional[FrameType]) -> None:
+        sig = signal.Signals(signum)
+        if sig == signal.SIGINT and self._reason is not None:
+            raise KeyboardInterrupt(f"second interrupt while stopping on {self._reason}")
+        self._count += 1
+        if self._reason is None:
+            self._reason = sig.name
+        if sig == signal.SIGTERM:
+            self._terminated = True
+        elif sig == signal.SIGUSR1 and in_slurm() and not self._terminated:
+            # After a SIGTERM SLURM is already cancelling, requeueing or preempting the job: leave it to SLURM.
+            self._requeue = True
+
+    # -- what the training loop reads --------------------------------------------------------------------------
+
+    @property
+    def requested(self) -> bool:
+        """A stop was asked for on this process (any rank may be first: agree across ranks before acting)."""
+        return self._reason is not None
+
+    @property
+    def reason(self) -> Optional[str]:
+        """The first signal received: ``"SIGTERM"``, ``"SIGINT"`` or ``"SIGUSR1"``; None if none."""
+        return self._reason
+
+    @property
+    def requeue(self) -> bool:
+        """SIGUSR1 arrived inside a SLURM job: after saving, requeue the job (:func:`requeue_slurm_job`)."""
+        return self._requeue
+
+    @property
+    def count(self) -> int:
+        """How many stop signals were absorbed (for logs)."""
+        return self._count
+
+    def describe(self) -> str:
+        """A log line for the stop, e.g. ``"SIGUSR1 (SLURM time limit near): checkpoint, requeue, exit 75"``."""
+        if self._reason is None:
+            return "no stop requested"
+        why = {
+            "SIGUSR1": "SLURM time limit near or scancel --signal=USR1" if in_slurm() else "SIGUSR1",
+            "SIGTERM": "cancelled, requeued or preempted by SLURM" if in_slurm() else "terminated",
+            "SIGINT": "interrupted (Ctrl-C again to stop at once)",
+        }[self._reason]
+        then = "checkpoint, requeue" if self._requeue else "checkpoint"
+        return f"{self._reason} ({why}): {then}, exit {EXIT_STOPPED}"

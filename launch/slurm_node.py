@@ -1,0 +1,170 @@
+#!/usr/bin/env python3
+"""One launcher per node for slurm/train.sbatch: ``srun --ntasks-per-node=1 python launch/slurm_node.py -- ARGS``.
+
+Runs inside the srun task, so it reads this node's rank from the task's own environment (SLURM_NODEID), never
+from a value the batch shell expanded on the first node (the bug that makes every node rank 0 in many copied
+examples). Then it replaces itself (os.execv) with
+
+* ``python -m distrain ARGS`` when the job has one process in all (one node, no GPU or one GPU): no launcher
+  process in between, so SLURM's signals reach the trainer directly; or
+* ``python -m accelerate.commands.launch --multi_gpu --num_machines N --machine_rank R --num_processes N*P
+  --main_process_ip ADDR --main_process_port PORT -m distrain ARGS`` otherwise (torch's elastic agent, static
+  rendezvous on ADDR:PORT, P worker processes on this node; on CPU-only nodes P=1 and DDP runs over gloo).
+
+Before exec it sets SIGUSR1 to SIG_IGN. An ignored disposition survives exec and fork, so the elastic agent
+(which would die of SIGUSR1's default action, taking the step down with it) ignores SLURM's time-limit warning,
+while the workers inherit "ignored" and replace it with their own handler (distrain.signals.StopSignals).
+SIGTERM/SIGINT are left alone: the agent forwards them to its workers and waits up to 30 s
+(TORCH_ELASTIC_SHUTDOWN_TIMEOUT) before killing them; SLURM signals the workers directly too.
+
+Environment it reads (train.sbatch sets the first two; all have fallbacks):
+  MASTER_ADDR              rendezvous host, default: first host of ``scontrol show hostnames $SLURM_JOB_NODELIST``
+  MASTER_PORT              rendezvous port, default: 15000 + SLURM_JOB_ID % 16000 (below the ephemeral range)
+  DISTRAIN_PROCS_PER_NODE  processes on this node, default: GPUs allocated to this node (SLURM_GPUS_ON_NODE,
+                           else CUDA_VISIBLE_DEVICES, else ``nvidia-smi -L``), 1 on a CPU-only node
+  DISTRAIN_MODULE          the module to run, default ``distrain``
+
+``--dry-run`` prints the decision as JSON instead of exec'ing (tests; checking a cluster's environment).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+
+PORT_BASE = 15000
+PORT_SPAN = 16000  # ports 15000..30999: below Linux's ephemeral range (32768+), above most services
+
+
+def _env_int(env, *names):
+    for name in names:
+        value = env.get(name, "").strip()
+        if value:
+            try:
+                return int(value)
+            except ValueError:
+                raise SystemExit(f"slurm_node.py: {name}={value!r} is not an integer") from None
+    return None
+
+
+def port_for_job(job_id: int) -> int:
+    """The rendezvous port for a job: distinct for jobs whose ids differ by less than PORT_SPAN."""
+    return PORT_BASE + job_id % PORT_SPAN
+
+
+def _count_gpus(env) -> int:
+    n = _env_int(env, "SLURM_GPUS_ON_NODE")
+    if n is not None:
+        return n
+    cvd = env.get("CUDA_VISIBLE_DEVICES")
+    if cvd is not None:
+        devices = [d for d in cvd.split(",") if d.strip() and d.strip() != "NoDevFiles"]
+        return len(devices)
+    smi = shutil.which("nvidia-smi")
+    if smi:
+        try:
+            out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=30).stdout
+            return sum(1 for line in out.splitlines() if line.startswith("GPU "))
+        except (OSError, subprocess.SubprocessError):
+            return 0
+    return 0
+
+
+def _first_host(env) -> str:
+    nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+    if not nodelist:
+        return "127.0.0.1"
+    out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
+    return out.stdout.split()[0]
+
+
+def plan(args: list[str], env=None, python: str = sys.executable) -> dict:
+    """Decide what this node runs: a dict with node_rank, num_nodes, procs_per_node, master_addr/port and argv."""
+    env = os.environ if env is None else env
+    local_id = _env_int(env, "SLURM_LOCALID")
+    if local_id not in (None, 0):
+        raise SystemExit(
+            "slurm_node.py: more than one task on this node; run it with `srun --ntasks-per-node=1` "
+            "(it starts all processes of the node itself)"
+        )
+    num_nodes = _env_int(env, "SLURM_STEP_NUM_NODES", "SLURM_JOB_NUM_NODES", "SLURM_NNODES") or 1
+    node_rank = _env_int(env, "SLURM_NODEID")
+    if node_rank is None:
+        node_rank = 0 if num_nodes == 1 else _env_int(env, "SLURM_PROCID")
+    if node_rank is None or not 0 <= node_rank < num_nodes:
+        raise SystemExit(f"slurm_node.py: no valid node rank (SLURM_NODEID) for a {num_nodes}-node step")
+    procs = _env_int(env, "DISTRAIN_PROCS_PER_NODE")
+    if procs is None:
+        procs = max(1, _count_gpus(env))
+    if procs < 1:
+        raise SystemExit("slurm_node.py: DISTRAIN_PROCS_PER_NODE must be >= 1")
+    world = num_nodes * procs
+    module = env.get("DISTRAIN_MODULE") or "distrain"
+    master_addr = master_port = None
+    if world == 1:
+        argv = [python, "-m", module, *args]
+    else:
+        master_addr = env.get("MASTER_ADDR") or _first_host(env)
+        master_port = _env_int(env, "MASTER_PORT")
+        if master_port is None:
+            job_id = _env_int(env, "SLURM_JOB_ID", "SLURM_JOBID")
+            master_port = port_for_job(job_id) if job_id is not None else 29500
+        argv = [python, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(world)]
+        if num_nodes > 1:
+            argv += ["--num_machines", str(num_nodes), "--machine_rank", str(node_rank)]
+            argv += ["--main_process_ip", master_addr]
+        # distrain passes its own mixed precision to Accelerator (explicit arguments beat the launcher's
+        # environment); these two only keep accelerate from warning that they were not given.
+        argv += ["--main_process_port", str(master_port), "--mixed_precision", "no", "--dynamo_backend", "no"]
+        argv += ["-m", module, *args]
+    return {
+        "node_rank": node_rank,
+        "num_nodes": num_nodes,
+        "procs_per_node": procs,
+        "world_size": world,
+        "master_addr": master_addr,
+        "master_port": master_port,
+        "argv": argv,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    dry_run = False
+    while argv and argv[0] != "--":
+        opt = argv.pop(0)
+        if opt == "--dry-run":
+            dry_run = True
+        elif opt in ("-h", "--help"):
+            print(__doc__)
+            return 0
+        else:
+            print(f"slurm_node.py: unknown option {opt!r}; usage: slurm_node.py [--dry-run] -- ARGS", file=sys.stderr)
+            return 2
+    if argv and argv[0] == "--":
+        argv.pop(0)
+    p = plan(argv)
+    if dry_run:
+        print(json.dumps(p))
+        return 0
+    host = os.environ.get("SLURMD_NODENAME") or os.uname().nodename
+    print(
+        f"[slurm_node] node {p['node_rank']}/{p['num_nodes']} ({host}), {p['procs_per_node']} process(es) here, "
+        f"world {p['world_size']}"
+        + (f", rendezvous {p['master_addr']}:{p['master_port']}" if p["master_port"] else "")
+        + f": {shlex.join(p['argv'])}",
+        file=sys.stderr,
+        flush=True,
+    )
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    os.execv(p["argv"][0], p["argv"])
+    return 127  # not reached
+
+
+if __name__ == "__main__":
+    sys.exit(main())
