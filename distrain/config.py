@@ -128,15 +128,10 @@ class Config:
 def all_keys(cls=Config, prefix: str = "") -> list[str]:
     """Every dotted leaf key of the config, e.g. ``train.lr``."""
     keys = []
+    hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        if dataclasses.is_dataclass(f.type if isinstance(f.type, type) else None):
-            keys += all_keys(f.type, prefix + f.name + ".")
-        else:
-            sub = _dataclass_of(cls, f.name)
-            if sub is not None:
-                keys += all_keys(sub, prefix + f.name + ".")
-            else:
-                keys.append(prefix + f.name)
+        t = hints[f.name]
+        keys += all_keys(t, prefix + f.name + ".") if dataclasses.is_dataclass(t) else [prefix + f.name]
     return keys
 
 
@@ -144,12 +139,11 @@ def _hints(cls) -> dict:
     return typing.get_type_hints(cls)
 
 
-def _dataclass_of(cls, name: str):
-    t = _hints(cls)[name]
-    return t if dataclasses.is_dataclass(t) else None
-
-
-def _unknown_key(key: str) -> UserError:
+def _unknown_key(key: str, value: Any = None) -> UserError:
+    # An unknown section (`modle.name=...`): name the whole dotted key the user wrote, not just `modle`.
+    while isinstance(value, dict) and len(value) == 1:
+        (sub, value), = value.items()
+        key = f"{key}.{sub}"
     close = difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.6)
     if not close:  # a typo in the last part only, e.g. train.bach_size
         leaf = key.rsplit(".", 1)[-1]
@@ -229,7 +223,7 @@ def _apply(obj, data: dict, prefix: str = "") -> None:
     for name, value in data.items():
         key = prefix + str(name)
         if name not in fields:
-            raise _unknown_key(key)
+            raise _unknown_key(key, value)
         sub = getattr(obj, name)
         if dataclasses.is_dataclass(sub):
             if not isinstance(value, dict):
