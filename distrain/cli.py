@@ -95,6 +95,9 @@ def cmd_eval(args) -> int:
     else:
         print(f"accuracy {result['accuracy']:.4f}  loss {result['loss']:.4f}  on {result['samples']} images "
               f"({result['dataset']})", file=sys.stderr)
+    if args.confusion:
+        print(f"confusion matrix (confusion_matrix.txt, .csv, .png) and per_class_accuracy.json written to "
+              f"{args.confusion}", file=sys.stderr)
     return 0
 
 
@@ -127,6 +130,42 @@ def _rank_prefix() -> str:
     return f"[rank {rank}] " if rank is not None and world not in (None, "1") else ""
 
 
+def _report_to_launcher(msg: str) -> None:
+    """Under torchrun / `accelerate launch`, after this rank printed its error: put the message in the
+    launcher's failure report, wait (bounded) until every rank has printed its own, then exit 2 at once.
+
+    The launcher terminates the remaining workers as soon as one exits; waiting keeps it from cutting off
+    a rank's message, and exiting together (SIGTERM while waiting also means "exit 2") keeps every
+    worker's exit code 2 in its report instead of -15.
+    """
+    if os.environ.get("WORLD_SIZE", "1") in ("", "1"):
+        return
+    import signal
+    import time
+
+    def _exit_2(*_):
+        for s in (sys.stdout, sys.stderr):
+            try:
+                s.flush()
+            except Exception:  # noqa: BLE001
+                pass
+        os._exit(2)
+
+    signal.signal(signal.SIGTERM, _exit_2)
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file:
+        try:  # the format torch.distributed.elastic's @record writes; its report shows "traceback : <msg>"
+            with open(error_file, "w") as f:
+                json.dump({"message": {"message": msg, "extraInfo": {"py_callstack": msg,
+                                                                     "timestamp": str(int(time.time()))}}}, f)
+        except OSError:
+            pass
+    from distrain.engine import wait_for_ranks_to_report
+
+    wait_for_ranks_to_report()
+    _exit_2()
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -134,8 +173,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         return handlers[args.command](args)
     except UserError as e:
+        msg = f"distrain {args.command}: error: {e}"
         sys.stdout.flush()
-        print(f"{_rank_prefix()}distrain {args.command}: error: {e}", file=sys.stderr)
+        # One write of the whole line: ranks share the launcher's stderr, and print() writes the text and its
+        # newline separately (unbuffered under PYTHONUNBUFFERED), so lines of two ranks could interleave.
+        sys.stderr.write(_rank_prefix() + msg + "\n")
+        sys.stderr.flush()
+        _report_to_launcher(msg)
         return 2
     except KeyboardInterrupt:
         print(f"{_rank_prefix()}distrain {args.command}: interrupted", file=sys.stderr)

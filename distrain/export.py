@@ -138,8 +138,9 @@ def load_model(path: str) -> LoadedModel:
         cfg_path = p.parent / "config.yaml"
         run_cfg = _read_yaml(cfg_path) if cfg_path.is_file() else None
         return LoadedModel(build_from_state(info, _load_safetensors(p), p), info, p, run_cfg)
-    # A directory: an exported run, else a checkpoint (directory or run with checkpoints/).
-    if (p / MODEL_FILE).is_file():
+    # A directory: an exported run, else a checkpoint (directory or run with checkpoints/). A checkpoint
+    # directory holds a model.safetensors too, but no model.json (its description is in state.json).
+    if (p / MODEL_FILE).is_file() and ((p / MODEL_JSON).is_file() or not (p / "state.json").is_file()):
         return load_model(str(p / MODEL_FILE))
     from distrain import checkpoint as ckpt
 
