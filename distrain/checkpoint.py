@@ -37,6 +37,7 @@ import re
 import shutil
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Optional
@@ -277,14 +278,34 @@ def verify(path: Path, names: Optional[Iterable[str]] = None) -> dict:
             raise UserError(f"cannot read checkpoint file '{f}': {e.strerror or e}") from None
         if _sha256(data) != meta["sha256"].get(name):
             raise UserError(f"checkpoint file '{f}' is damaged (its SHA-256 does not match the one in {STATE})")
+        _check_format(f, data)
     return meta
+
+
+def _check_format(f: Path, data: bytes) -> None:
+    """The file parses as what its name says (cheap: a safetensors header, or JSON), whatever its checksum says."""
+    try:
+        if f.suffix == ".safetensors":
+            (n,) = np.frombuffer(data[:8], dtype="<u8") if len(data) >= 8 else (None,)
+            if n is None or not 2 <= n <= len(data) - 8:
+                raise ValueError("no safetensors header")
+            header = json.loads(data[8 : 8 + int(n)])
+            if not isinstance(header, dict):
+                raise ValueError("safetensors header is not a JSON object")
+            end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+            if 8 + int(n) + end != len(data):
+                raise ValueError("safetensors header does not describe the file")
+        else:
+            json.loads(data)
+    except Exception as e:  # noqa: BLE001 - any parse failure means a damaged file
+        raise UserError(f"checkpoint file '{f}' is damaged ({type(e).__name__}: {e})") from None
 
 
 def resolve_checkpoint_dir(path: Path) -> Optional[Path]:
     """A checkpoint directory from a checkpoint, a checkpoints/ folder or a run directory."""
     path = Path(path)
-    if (path / STATE).is_file():
-        return path
+    if (path / STATE).is_file() or (_NAME.match(path.name) and path.is_dir()):
+        return path  # a checkpoint (read_meta says what is wrong with it, if anything)
     for d in (path, path / "checkpoints"):
         pointer = d / POINTER
         if pointer.is_file():
@@ -416,22 +437,33 @@ class CheckpointManager:
                 )
             self.t.log(f"warning: global batch changes from {meta['global_batch']} to {self.t.global_batch} (allowed by train.allow_batch_change)")
         elif meta["world_size"] != self.t.world:
-            self.t.log(f"warning: resuming a {meta['world_size']}-process checkpoint on {self.t.world} processes with the same "
-                       f"global batch {self.t.global_batch}; per-rank random states are re-derived")
+            self.t.log(f"warning: world size changes from {meta['world_size']} to {self.t.world} processes with the same "
+                       f"global batch {self.t.global_batch}; resuming (per-rank random states are re-derived)")
 
     # -- save -----------------------------------------------------------------------------------
     def save(self, reason: str, accuracy: Optional[float] = None) -> None:
         """Collective: every rank calls it at the same step; any failure fails every rank alike."""
         t = self.t
-        state, tensors = rng_state()
-        per_rank = {"rng": state, "progress": {k: getattr(t.state, k) for k in _PER_RANK_FIELDS}}
-        if getattr(t, "is_deepspeed", False):
-            per_rank["zero"] = encode(zero_state(t), tensors, "zero")  # this rank's optimizer partition
-        payload = (per_rank, tensors)
+        err = None
+        try:
+            state, tensors = rng_state()
+            per_rank = {"rng": state, "progress": {k: getattr(t.state, k) for k in _PER_RANK_FIELDS}}
+            if getattr(t, "is_deepspeed", False):
+                per_rank["zero"] = encode(zero_state(t), tensors, "zero")  # this rank's optimizer partition
+            payload = (per_rank, tensors)
+        except Exception as e:  # noqa: BLE001 - reported on every rank below, instead of a hang in the gather
+            if t.world == 1:
+                raise
+            payload, err = None, f"save a checkpoint failed on rank {t.rank}: {type(e).__name__}: {e}"
         if t.world > 1:
             from accelerate.utils import gather_object
 
-            payloads = gather_object([payload])  # in memory between our own ranks, never from disk
+            # In memory between our own ranks, never from disk; every rank gets every rank's part (or error).
+            gathered = gather_object([(payload, err)])
+            errors = [e for _, e in gathered if e]
+            if errors:
+                raise RuntimeError(errors[0])
+            payloads = [p for p, _ in gathered]
         else:
             payloads = [payload]
         started = time.time()
@@ -463,8 +495,12 @@ class CheckpointManager:
         digests: dict[str, str] = {}
 
         def put(fname: str, data: bytes) -> None:
-            _write(tmp / fname, data)  # one file at a time: peak memory ~ one serialized file
-            sizes[fname], digests[fname] = len(data), _sha256(data)
+            # One file at a time (peak memory ~ one serialized file); hashed in a thread while it is written
+            # (both release the GIL): VGG16's 512 MB files take ~0.6 s less each.
+            with ThreadPoolExecutor(1) as pool:
+                digest = pool.submit(_sha256, data)
+                _write(tmp / fname, data)
+                sizes[fname], digests[fname] = len(data), digest.result()
 
         try:
             put("model.safetensors", _tensor_bytes(clean_state_dict(t.model_state_dict())))
