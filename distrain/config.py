@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -328,4 +329,8 @@ def validate(cfg: Config) -> None:
 
 
 def dump_config(cfg: Config, path: Path) -> None:
-    path.write_text(cfg.to_yaml())
+    """Write the resolved config atomically (a crash leaves the old file or the new one, never half)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(cfg.to_yaml())
+    os.replace(tmp, path)

@@ -167,9 +167,10 @@ class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.rt = resolve_runtime(cfg.train.device, cfg.train.mixed_precision)
-        # static_graph: the trained parameters never change, unless the backbone is unfrozen later.
-        self.accelerator = make_accelerator(self.rt, comm_hook=cfg.train.ddp_comm_hook,
-                                            static_graph=cfg.model.unfreeze_after_epochs is None)
+        # static_graph: the trained parameters never change, unless the backbone is unfrozen later; DDP's
+        # static graph also fails inside no_sync (an internal assert), so not with gradient accumulation.
+        static = cfg.model.unfreeze_after_epochs is None and cfg.train.grad_accum_steps == 1
+        self.accelerator = make_accelerator(self.rt, comm_hook=cfg.train.ddp_comm_hook, static_graph=static)
         acc = self.accelerator
         self.rank, self.world = acc.process_index, acc.num_processes
         self.is_main = acc.is_main_process
@@ -228,7 +229,6 @@ class Trainer:
             probe.unlink()
         except OSError as e:
             raise UserError(f"config key 'output_dir': cannot write to '{self.run_dir}': {e.strerror or e}") from None
-        dump_config(self.cfg, self.run_dir / "config.yaml")
 
     def setup(self) -> None:
         cfg, acc = self.cfg, self.accelerator
@@ -242,6 +242,8 @@ class Trainer:
         if resumed is not None:
             self.state = self._agree("load the checkpoint", lambda: self.ckpts.load(resumed))
             self.log(f"resumed from {resumed} at epoch {self.state.epoch} step {self.state.global_step}")
+        # Only now: a refused resume (another architecture, batch, ...) must leave the run's config.yaml as it was.
+        self._agree("write config.yaml", lambda: dump_config(cfg, self.run_dir / "config.yaml"), main_only=True)
 
     def build(self) -> None:
         """Data, model, optimizer, schedule and input pipelines; writes nothing (`distrain bench` uses it alone)."""
@@ -346,10 +348,10 @@ class Trainer:
         n = self.cfg.model.unfreeze_after_epochs
         if n is None or self.unfrozen or epoch < n:
             return
-        module = self.model.module if isinstance(self.model, torch.nn.parallel.DistributedDataParallel) else self.model
-        for p in backbone_and_head(module)[0]:
+        for p in backbone_and_head(self.unwrapped())[0]:
             p.requires_grad_(True)
-        if module is not self.model:
+        if isinstance(self.model, torch.nn.parallel.DistributedDataParallel):
+            module = self.model.module  # as it was wrapped (compiled or not)
             acc = self.accelerator
             kwargs = acc.ddp_handler.to_kwargs() if acc.ddp_handler is not None else {}
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -360,7 +362,7 @@ class Trainer:
             acc._models[:] = [ddp if m is self.model else m for m in acc._models]
             self.model = ddp
         self.unfrozen = True
-        self.num_params = count_parameters(module)
+        self.num_params = count_parameters(self.unwrapped())
         self.log(f"epoch {epoch + 1}: backbone unfrozen (model.unfreeze_after_epochs={n}); "
                  f"{self.num_params[1]:,} trainable parameters")
 
@@ -413,7 +415,12 @@ class Trainer:
         """After the stop checkpoint: requeue the SLURM job on its time-limit signal, then exit."""
         from distrain import signals
 
-        if self.signals is not None and self.signals.requeue and self.is_main:
+        # Every rank agrees (SLURM's USR1 may reach the nodes at slightly different times, so rank 0 may not
+        # have its own yet) and has its share of the checkpoint behind it before the requeue: SLURM sends
+        # SIGTERM to the whole job right after `scontrol requeue`.
+        requeue = self.any_rank(self.signals is not None and self.signals.requeue)
+        self.accelerator.wait_for_everyone()
+        if requeue and self.is_main:
             try:
                 signals.requeue_slurm_job()
                 self.log(f"requeued SLURM job {signals.slurm_job_ref()}")
@@ -434,6 +441,9 @@ class Trainer:
         self._frozen_bn_eval()
         batches = iter(self.train_data)
         ds = self.is_deepspeed
+        # Accelerate's optimizer wrapper costs ~0.1 ms of Python per step (package look-ups, inspect.signature);
+        # without a GradScaler or DeepSpeed its step/zero_grad are exactly the wrapped optimizer's, so call that.
+        opt = self.optimizer if ds or self.optimizer.scaler is not None else self.optimizer.optimizer
         # Sums on the device, read only at log intervals: no host synchronisation per step.
         run_loss = torch.zeros((), device=self.device)
         run_correct = torch.zeros((), device=self.device, dtype=torch.long)
@@ -470,10 +480,10 @@ class Trainer:
                 run_samples += len(y)
             if cfg.train.grad_clip is not None and not ds:  # DeepSpeed clipped in engine.step()
                 acc.clip_grad_norm_(self.model.parameters(), cfg.train.grad_clip)
-            self.optimizer.step()  # a no-op under DeepSpeed (done in accelerator.backward)
+            opt.step()  # a no-op under DeepSpeed (done in accelerator.backward)
             if not acc.optimizer_step_was_skipped:
                 self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            opt.zero_grad(set_to_none=True)
             st.step_in_epoch = step + 1
             st.global_step += 1
             seen_since += step_total
@@ -553,10 +563,6 @@ class Trainer:
         self.metrics.scalars(self.state.global_step, **{"train/loss": loss, "train/lr": lr, "train/images_per_s": img_per_s})
         self._note_peak_memory()  # before gpu_memory() resets CUDA's peak counter
         self.metrics.gpu_memory(self.state.global_step, self.device)
-        if n and not math.isfinite(loss) and not getattr(self, "_warned_diverged", False):
-            self._warned_diverged = True
-            self.log(f"warning: the training loss is {loss} at step {self.state.global_step}: the run has diverged. "
-                     f"Lower train.lr (now {self.cfg.train.lr:g}), add train.warmup_steps or set train.grad_clip")
 
     def _note_peak_memory(self) -> None:
         if self.device.type == "cuda":
@@ -753,6 +759,7 @@ def run_eval(path: str, overrides: list[str], confusion_dir: Optional[str] = Non
                          eval_batch_size=max(cfg.train.batch_size, 256), mean_std=(info["mean"], info["std"]))
     model = loaded.model.to(acc.device).eval()
     cm, loss_sum = eval_loop(model, data, acc, cfg.model.num_classes, rt.precision)
+    acc.end_training()  # the last collective is behind every rank: no process group left to abort at exit (see train)
     if not acc.is_main_process:
         return None
     n = int(cm.sum().item())
@@ -793,8 +800,50 @@ def train(cfg: Config, signals=None) -> int:
     trainer.signals = signals
     try:
         trainer.setup()
-        return trainer.fit()
+        code = trainer.fit()
+        # Every rank gets here together (after the export, or after the stop checkpoint and its barrier). A process
+        # that exits with its process group alive can die of SIGABRT in interpreter teardown (gloo's threads:
+        # "terminate called without an active exception"), turning a finished or cleanly stopped run into a failure.
+        trainer.accelerator.end_training()
+        return code
     finally:
         trainer.progress.close()
         if hasattr(trainer, "metrics"):
             trainer.metrics.close()
+
+
+def wait_for_ranks_to_report(timeout: float = 10.0) -> None:
+    """After this rank printed its error under a multi-process launch, wait (bounded) until every rank has.
+
+    torchrun / `accelerate launch` terminate the other workers as soon as one exits, which could cut
+    off a rank that has not printed its message yet. Each rank counts itself in the launcher's store
+    (or the process group's) and leaves when all have, or after ``timeout`` seconds (a rank that fails
+    alone must not hang). Without a reachable store, a short grace period does the same job.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world <= 1:
+        return
+    from datetime import timedelta
+
+    store = None
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            store = dist.distributed_c10d._get_default_store()
+        elif os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and os.environ.get("MASTER_ADDR"):
+            store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                                  timeout=timedelta(seconds=timeout), wait_for_workers=False)
+    except Exception:  # noqa: BLE001 - best effort: fall back to the grace period
+        store = None
+    if store is None:
+        time.sleep(min(timeout, 3.0))
+        return
+    key = f"distrain/user-error/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    deadline = time.monotonic() + timeout
+    try:
+        store.add(key, 1)
+        while time.monotonic() < deadline and int(store.add(key, 0)) < world:
+            time.sleep(0.01)
+    except Exception:  # noqa: BLE001 - the store went away (the launcher is ending): nothing left to wait for
+        pass

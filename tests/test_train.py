@@ -83,3 +83,13 @@ def test_defaults_train_well_on_synthetic(tmp_path):
                   "train.warmup_steps=4", "log.tensorboard=false"], check=True)
     ev = [r for r in read_jsonl(out / "metrics.jsonl") if r["event"] == "eval"][-1]
     assert ev["accuracy"] > 0.5, ev
+
+
+def test_refused_resume_leaves_the_run_untouched(tmp_path):
+    out = tmp_path / "run"
+    run_distrain(["train", *smoke_args(out, **{"train.max_steps": 2})], check=True)
+    before = {p.name: p.read_bytes() for p in (out / "config.yaml", out / "model.safetensors", out / "model.json")}
+    p = run_distrain(["train", *smoke_args(out, **{"model.num_classes": 5})])
+    assert p.returncode == 2 and "10 classes" in p.stderr, p.stderr
+    assert "Traceback" not in p.stderr
+    assert {n: (out / n).read_bytes() for n in before} == before
