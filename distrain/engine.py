@@ -22,6 +22,7 @@ import contextlib
 import math
 import os
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -286,6 +287,14 @@ class Trainer:
                                         local_world_size=local_world)
         self.test_data = InputPipeline(self.test_split, cfg, self.device, self.rank, self.world, train=False,
                                        local_world_size=local_world, eval_batch_size=max(cfg.train.batch_size, 256))
+        # SLURM, `kill -- -PGID` and Ctrl-C signal the DataLoader workers too: they must survive until the stop
+        # checkpoint is written (see signals.shield_data_worker).
+        from distrain.signals import shield_data_worker
+
+        for pipe in (self.train_data, self.test_data):
+            loader = getattr(pipe, "loader", None)
+            if loader is not None and loader.num_workers > 0:
+                loader.worker_init_fn = shield_data_worker
 
     def _build_model(self):
         cfg = self.cfg
@@ -333,6 +342,10 @@ class Trainer:
         if t.ddp_comm_hook != "none":
             self.log(f"warning: train.ddp_comm_hook={t.ddp_comm_hook} applies to DDP and is ignored under DeepSpeed")
         ds = plugin.deepspeed_config
+        for section in ("optimizer", "scheduler"):
+            if section in ds:
+                raise UserError(f"the DeepSpeed config has a '{section}' section; remove it: distrain builds the "
+                                f"{section} from train.optimizer / train.scheduler")
         ds["train_micro_batch_size_per_gpu"] = t.batch_size
         ds["gradient_accumulation_steps"] = t.grad_accum_steps
         ds["train_batch_size"] = self.global_batch
@@ -759,7 +772,7 @@ def run_eval(path: str, overrides: list[str], confusion_dir: Optional[str] = Non
                          eval_batch_size=max(cfg.train.batch_size, 256), mean_std=(info["mean"], info["std"]))
     model = loaded.model.to(acc.device).eval()
     cm, loss_sum = eval_loop(model, data, acc, cfg.model.num_classes, rt.precision)
-    acc.end_training()  # the last collective is behind every rank: no process group left to abort at exit (see train)
+    close_distributed(acc)  # the last collective is behind every rank
     if not acc.is_main_process:
         return None
     n = int(cm.sum().item())
@@ -795,16 +808,59 @@ class _EvalContext:
     _agree = Trainer._agree
 
 
+def close_distributed(accelerator) -> None:
+    """End distribution (all ranks, after their last collective) so that no thread of the collective library is
+    busy when the interpreter finalizes.
+
+    torch + gloo (pytorch/pytorch#190489, #179291): a gloo worker thread lets go of a finished collective a little
+    after the collective returned; if its tensors belong to Python, that needs the GIL, and if the interpreter is
+    finalizing by then, the thread ends inside a C++ destructor and std::terminate aborts the process ("terminate
+    called without an active exception", SIGABRT): a run that finished or stopped cleanly reports -6 for a rank
+    (seen on a busy host, about one 2-process run in 25; the core shows ProcessGroupGloo::runLoop ->
+    ~AsyncAllgatherWork -> take_gil during Py_FinalizeEx). The group cannot simply be freed (DDP leaves references to
+    it behind), so: destroy it, then hold the GIL back until no other thread of this process is runnable (bounded).
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    accelerator.end_training()  # destroy_process_group()
+    _let_threads_settle()
+
+
+def _let_threads_settle(timeout: float = 2.0, poll: float = 0.02) -> None:
+    """Sleep (GIL released) until no thread of this process but the caller is runnable, or ``timeout`` passed.
+
+    A thread waiting for the GIL gets it while we sleep; one that is runnable (state R in /proc) still has work to
+    do. Without /proc (not Linux) it just sleeps ``poll`` once.
+    """
+    me = str(threading.get_native_id())
+    tasks = Path("/proc/self/task")
+    deadline = time.monotonic() + timeout
+    while True:
+        time.sleep(poll)
+        if not tasks.is_dir() or time.monotonic() > deadline:
+            return
+        busy = False
+        for t in tasks.iterdir():
+            if t.name == me:
+                continue
+            try:
+                state = (t / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            except (OSError, IndexError):
+                continue
+            busy = busy or state == "R"
+        if not busy:
+            return
+
+
 def train(cfg: Config, signals=None) -> int:
     trainer = Trainer(cfg)
     trainer.signals = signals
     try:
         trainer.setup()
         code = trainer.fit()
-        # Every rank gets here together (after the export, or after the stop checkpoint and its barrier). A process
-        # that exits with its process group alive can die of SIGABRT in interpreter teardown (gloo's threads:
-        # "terminate called without an active exception"), turning a finished or cleanly stopped run into a failure.
-        trainer.accelerator.end_training()
+        close_distributed(trainer.accelerator)  # every rank is here: after the export, or the stop and its barrier
         return code
     finally:
         trainer.progress.close()

@@ -14,13 +14,16 @@ from distrain.models import backbone_and_head
 def param_groups(model: nn.Module, train: TrainConfig, mcfg: ModelConfig) -> list[dict]:
     """Trainable parameters only (frozen ones get no optimizer state); the backbone may get its own lr.
 
-    Biases and other 1-d parameters get no weight decay, as in the torchvision references.
+    Biases and other 1-d parameters get no weight decay, as in the torchvision references. With
+    ``model.unfreeze_after_epochs`` the frozen backbone is in its groups from the start: a parameter without
+    a gradient gets no update and no state until it is unfrozen, and the optimizer's structure (and so a
+    checkpoint's optimizer state) is the same before and after unfreezing.
     """
     backbone, head = backbone_and_head(model)
     bb_ids = {id(p) for p in backbone}
     groups: dict[tuple[bool, bool], list] = {}
     for p in model.parameters():
-        if not p.requires_grad:
+        if not p.requires_grad and mcfg.unfreeze_after_epochs is None:
             continue
         key = (id(p) in bb_ids, p.ndim <= 1)
         groups.setdefault(key, []).append(p)
@@ -37,12 +40,14 @@ def param_groups(model: nn.Module, train: TrainConfig, mcfg: ModelConfig) -> lis
 
 def build_optimizer(model: nn.Module, train: TrainConfig, mcfg: ModelConfig, device_type: str = "cpu") -> torch.optim.Optimizer:
     groups = param_groups(model, train, mcfg)
-    on_cuda = device_type == "cuda"
+    # Fused kernels (one pass over all parameters) exist for CUDA and CPU tensors; on a CPU they are ~3x faster
+    # than the default per-tensor loop (cifar10_quick SGD step: 41 vs 146 us; VGG16: 0.4 vs 0.8-1.5 s).
+    fused = True if device_type in ("cuda", "cpu") else None
     if train.optimizer == "sgd":
-        # foreach is the default on CPU and CUDA; fused SGD exists only for CUDA tensors.
         return torch.optim.SGD(groups, lr=train.lr, momentum=train.momentum,
-                               nesterov=train.nesterov and train.momentum > 0, weight_decay=train.weight_decay)
-    return torch.optim.AdamW(groups, lr=train.lr, weight_decay=train.weight_decay, fused=on_cuda or None)
+                               nesterov=train.nesterov and train.momentum > 0, weight_decay=train.weight_decay,
+                               fused=fused)
+    return torch.optim.AdamW(groups, lr=train.lr, weight_decay=train.weight_decay, fused=fused)
 
 
 def lr_factor(step: int, train: TrainConfig, steps_per_epoch: int, total_steps: int) -> float:

@@ -106,6 +106,30 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def check_readable(paths: Sequence[str], threads: int = 8) -> None:
+    """Open every file's header (format and size, no pixel decoding); UserError naming the first bad file.
+
+    Catches non-images, empty files and unsupported formats before training starts (``data.verify``);
+    a file whose pixel data is truncated still fails later, when it is decoded, naming the file too.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    def probe(path: str):
+        try:
+            with Image.open(path) as img:
+                img.size  # noqa: B018 - the header parsed
+            return None
+        except Exception as e:  # noqa: BLE001 - UnidentifiedImageError, OSError, DecompressionBombError, ...
+            return path, e
+
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        for bad in pool.map(probe, paths, chunksize=64):
+            if bad is not None:
+                path, e = bad
+                raise UserError(f"cannot read image '{path}' ({type(e).__name__}: {e}); fix or delete the file "
+                                f"(data.verify=false skips this check of every file before training)")
+
+
 def load_image_rgb(path: str) -> Image.Image:
     """Decode ``path`` to an RGB image, whatever its mode.
 
