@@ -84,6 +84,34 @@ def requeue_slurm_job(timeout: float = 60.0) -> None:
         raise RuntimeError(f"`scontrol requeue {ref}` failed: {detail}")
 
 
+def shield_data_worker(worker_id: int = 0) -> None:
+    """``worker_init_fn`` for DataLoader workers: stop signals are for the trainer, not for its data workers.
+
+    SLURM (every process of the job step), ``kill -- -PGID``, a terminal's Ctrl-C and cgroup-wide kills also reach
+    the workers. torch's worker dies of a SIGTERM that its parent did not send, and the trainer then fails at once
+    ("DataLoader worker ... is killed by signal: Terminated") instead of finishing the step and writing its stop
+    checkpoint, which needs the workers for the rest of the step. So here SIGINT and SIGUSR1 are ignored, and
+    SIGTERM is blocked and taken by a thread that knows its sender: from the parent (multiprocessing's terminate()
+    of daemonic workers at exit, the DataLoader's last resort) the worker exits at once, as torch's own handler does;
+    from anyone else it is ignored. Workers still leave when the trainer shuts its DataLoaders down or dies, and
+    SIGKILL (SLURM's, after KillWait) ends them as always.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    if not hasattr(signal, "sigwaitinfo"):  # macOS: no sender information; keep torch's SIGTERM handling
+        return
+    parent = os.getppid()
+    # Blocked in this thread and in every thread it starts from now on (they inherit the mask).
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+    def take_sigterm() -> None:
+        while True:
+            if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent:
+                os._exit(0)
+
+    threading.Thread(target=take_sigterm, name="distrain-sigterm", daemon=True).start()
+
+
 class StopSignals:
     """Installs handlers for SIGTERM, SIGINT, SIGUSR1 (and restores the old ones on uninstall); handlers only set flags.
 

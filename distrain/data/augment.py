@@ -36,25 +36,55 @@ class CropFlipParams:
         return CropFlipParams(self.dx.to(device), self.dy.to(device), self.flip.to(device))
 
     def take(self, idx: torch.Tensor) -> "CropFlipParams":
-        return CropFlipParams(self.dx[idx], self.dy[idx], self.flip[idx])
+        return CropFlipParams(*(torch.index_select(t, 0, idx) for t in (self.dx, self.dy, self.flip)))
 
 
 def crop_flip(x: torch.Tensor, p: CropFlipParams, pad: int = PAD) -> torch.Tensor:
     """Random crop of the zero-padded image (torchvision's RandomCrop(size, padding=pad)) then flip.
 
-    One gather does both: row/column index grids per image, columns reversed for flipped images.
+    ``p`` holds the parameters of the images of ``x``, in order. One row gather does both (`PaddedStore`).
     """
-    n, c, h, w = x.shape
+    n = x.shape[0]
     if n == 0:
         return x
-    xp = F.pad(x, (pad, pad, pad, pad))
-    dev = x.device
-    rows = p.dy.to(dev)[:, None] + torch.arange(h, device=dev)  # (n, h)
-    cols = p.dx.to(dev)[:, None] + torch.arange(w, device=dev)  # (n, w)
-    cols = torch.where(p.flip.to(dev)[:, None], cols.flip(1), cols)
-    ni = torch.arange(n, device=dev)[:, None, None, None]
-    ci = torch.arange(c, device=dev)[None, :, None, None]
-    return xp[ni, ci, rows[:, None, :, None], cols[:, None, None, :]]
+    return PaddedStore(x, pad).crop_flip(torch.arange(n, device=x.device), p.to(x.device))
+
+
+class PaddedStore:
+    """Images zero-padded by ``pad`` and stored twice, as they are and mirrored, so that gathering a batch and
+    cropping and flipping each of its images is one ``index_select`` of contiguous rows.
+
+    Output row (image i, channel c, y) is the ``w`` values starting at ``[i + N * flip_i, c, dy_i + y, dx']``
+    of the store, with ``dx' = dx_i`` or, in the mirrored copy, ``2 * pad - dx_i`` (the crop of a mirrored
+    padded image is the mirror of the crop). ``rows`` views the store as every ``w``-long run of values
+    (overlapping strides, only ever read), so a batch is one gather of whole rows: ~10x faster than
+    per-pixel indexing on a CPU, one kernel on a GPU. Costs ``2 * ((h + 2 pad) / h)^2`` times the images'
+    memory (CIFAR-10's training split: 150 MB -> 470 MB).
+    """
+
+    def __init__(self, images: torch.Tensor, pad: int = PAD):
+        n, c, h, w = images.shape
+        padded = F.pad(images, (pad, pad, pad, pad))
+        self.store = torch.cat([padded, padded.flip(3)]).contiguous()
+        del padded
+        hp, wp = h + 2 * pad, w + 2 * pad
+        self.n, self.c, self.h, self.w, self.pad, self.wp = n, c, h, w, pad, wp
+        self.image_numel = c * hp * wp
+        flat = self.store.view(-1)
+        self.rows = flat.as_strided((max(0, flat.numel() - w + 1), w), (1, 1))
+        dev = images.device
+        # Offset of row (c, y) of a crop from the crop's first value: (c, h).
+        self.row_offsets = (torch.arange(c, device=dev) * (hp * wp))[:, None] + torch.arange(h, device=dev) * wp
+
+    def crop_flip(self, idx: torch.Tensor, p: CropFlipParams) -> torch.Tensor:
+        """Images ``idx`` (indices into the stored images, on their device), cropped and flipped by ``p``
+        (the parameters of those images, in the same order, on the same device)."""
+        if len(idx) == 0:
+            return self.store.new_empty((0, self.c, self.h, self.w))
+        dx = torch.where(p.flip, 2 * self.pad - p.dx, p.dx)
+        first = (idx + p.flip.long() * self.n) * self.image_numel + p.dy * self.wp + dx  # (n,)
+        offsets = first[:, None, None] + self.row_offsets  # (n, c, h)
+        return torch.index_select(self.rows, 0, offsets.view(-1)).view(len(idx), self.c, self.h, self.w)
 
 
 class Normalizer:
@@ -67,12 +97,12 @@ class Normalizer:
         self.channels_last = channels_last
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.float()
         if x.shape[-1] != self.input_size or x.shape[-2] != self.input_size:
             # Upsampling on the device (e.g. 32 -> 224 for VGG): bilinear with antialias off, as
             # torchvision's tensor Resize would do for upscaling.
-            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
-        x = (x - self.mean) / self.std
+            x = F.interpolate(x.float(), size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
+        # uint8 - float32 promotes: one pass makes the fresh float tensor that div_ then works in.
+        x = torch.sub(x, self.mean).div_(self.std)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
