@@ -171,7 +171,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
     handlers = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "bench": cmd_bench}
     try:
-        return handlers[args.command](args)
+        code = handlers[args.command](args)
     except UserError as e:
         msg = f"distrain {args.command}: error: {e}"
         sys.stdout.flush()
@@ -184,6 +184,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     except KeyboardInterrupt:
         print(f"{_rank_prefix()}distrain {args.command}: interrupted", file=sys.stderr)
         return 130
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 and argv is None:
+        # A finished multi-process run leaves now, skipping interpreter teardown: gloo's worker threads can
+        # abort the process while Python finalises (SIGABRT, "terminate called without an active exception";
+        # pytorch#190489), which would turn a completed run into a failed one. Everything is written by now.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":  # pragma: no cover
