@@ -79,9 +79,10 @@ class BareStep:
     """The loop every PyTorch tutorial writes, on a pre-normalised float32 copy of the split in memory.
 
     Same model and initial weights, same optimizer (built by distrain.optim: the same parameter groups and
-    hyper-parameters), same batches in the same order (the epoch permutation of (seed, epoch)). Keeping the
-    two runs on the same trajectory matters on a CPU: the kernels' speed depends on the weights (with
-    lr 0.01 instead of 0.05 this very loop runs ~20% slower), so different runs are not comparable.
+    hyper-parameters), same batches in the same order (the epoch permutation of (seed, epoch)), and before
+    every round it takes distrain's weights and optimizer state: on a CPU the kernels' speed depends on the
+    weights (with lr 0.01 instead of 0.05 this very loop runs ~20% slower), and two runs drift apart
+    through float rounding.
     """
 
     name = "bare PyTorch loop"
@@ -102,6 +103,15 @@ class BareStep:
         self.epoch, self.pos = 0, 0
         self.perm = self._perm()
 
+    def sync_from(self, trainer) -> None:
+        """Take distrain's weights and optimizer state (both loops are at the same batch of the same epoch)."""
+        from distrain.engine import unwrap
+
+        self.model.load_state_dict(unwrap(trainer.model).state_dict())
+        self.opt.load_state_dict(trainer.optimizer.optimizer.state_dict())
+        assert (self.epoch, self.pos) == (trainer.state.epoch, trainer.state.step_in_epoch * self.batch), \
+            "the two loops are not at the same batch"
+
     def _perm(self) -> torch.Tensor:
         g = torch.Generator()
         g.manual_seed(self.seed + self.epoch)
@@ -110,11 +120,11 @@ class BareStep:
     def __call__(self) -> int:
         n = 0
         for _ in range(self.steps):
-            if self.pos >= len(self.perm):
-                self.epoch, self.pos = self.epoch + 1, 0
-                self.perm = self._perm()
             idx = self.perm[self.pos : self.pos + self.batch]
             self.pos += self.batch
+            if self.pos >= len(self.perm):  # the epoch's last (possibly short) batch: next epoch's order
+                self.epoch, self.pos = self.epoch + 1, 0
+                self.perm = self._perm()
             x, y = self.x[idx], self.y[idx]
             loss = F.cross_entropy(self.model(x), y)
             self.opt.zero_grad(set_to_none=True)
@@ -194,11 +204,11 @@ class SeedPipeline:
         return sum(len(self._next()[1]) for _ in range(self.batches))
 
 
-def race(contestants: list, repeats: int, warmup: int, pause: float = 0.3) -> list[dict]:
+def race(contestants: list, repeats: int, warmup: int, pause: float = 0.3, before_round=None) -> list[dict]:
     """Warm each up, then time ``repeats`` windows per contestant, taking turns in rotating order.
 
     ``pause`` seconds between windows let DataLoader workers finish their prefetching, which would
-    otherwise run into the next contestant's window.
+    otherwise run into the next contestant's window. ``before_round()`` runs (untimed) before each round.
     """
     for c in contestants:
         for _ in range(warmup):
@@ -206,6 +216,8 @@ def race(contestants: list, repeats: int, warmup: int, pause: float = 0.3) -> li
     rates: list[list[float]] = [[] for _ in contestants]
     cpu_rates: list[list[float]] = [[] for _ in contestants]
     for r in range(repeats):
+        if before_round is not None:
+            before_round()
         order = list(range(len(contestants)))
         order = order[r % len(order):] + order[: r % len(order)]
         for i in order:
@@ -274,13 +286,16 @@ def main(argv=None) -> int:
                 f"train.batch_size={args.batch_size}", "train.mixed_precision=no", "train.device=cpu",
                 "train.optimizer=sgd", f"train.lr={args.lr}", "train.scheduler=none", f"train.seed={args.seed}",
                 "train.epochs=1000"]
-        ours = DistrainStep(over, args.steps)
-        contestants = [BareStep(images, labels, mean, std, ours.cfg, args.steps), ours]
-        bare, ours = race(contestants, args.repeats, args.warmup)
+        ours_loop = DistrainStep(over, args.steps)
+        bare_loop = BareStep(images, labels, mean, std, ours_loop.cfg, args.steps)
+        # Each round starts both loops from the same weights and optimizer state at the same batch: on a
+        # CPU the kernels' speed depends on the weights, and two runs drift apart through float rounding.
+        bare, ours = race([bare_loop, ours_loop], args.repeats, args.warmup,
+                          before_round=lambda: bare_loop.sync_from(ours_loop.trainer))
+        del bare_loop, ours_loop
         result["step"] = {"bare": bare, "distrain": ours, "ratio": paired_ratio(ours, [bare]),
                           "ratio_cpu_time": paired_ratio(ours, [bare], "cpu_rates"),
                           "ratio_of_medians": ours["img_per_s"] / bare["img_per_s"], "target": TARGET_STEP_RATIO}
-        del contestants
 
     if "pipeline" not in args.skip:
         cores = result["machine"]["cores"] or 1

@@ -21,10 +21,9 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -232,7 +231,7 @@ class Trainer:
             raise UserError(f"config key 'output_dir': cannot write to '{self.run_dir}': {e.strerror or e}") from None
 
     def setup(self) -> None:
-        cfg, acc = self.cfg, self.accelerator
+        cfg = self.cfg
         self._agree("create the run directory", self._make_run_dir, main_only=True)
         self.ckpts = ckpt.CheckpointManager(self.run_dir / "checkpoints", self)
         self._agree("clean up interrupted checkpoint writes", self.ckpts.clean_temporaries, main_only=True)

@@ -89,3 +89,40 @@ def smoke_args(out: Path, **over) -> list[str]:
             "train.epochs": 1, "train.batch_size": 32, "log.tensorboard": "false", "log.every_steps": 4}
     base.update(over)
     return [f"{k}={v}" for k, v in base.items()]
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """The local two-node SLURM cluster (slurm/local_cluster.sh), shared by all workers; skips only outside CI."""
+    import slurm_helpers as sh
+
+    ok, reason = sh.slurm_available()
+    if not ok:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"SLURM is required in CI: {reason}")
+        pytest.skip(reason)
+    try:
+        cluster = sh.acquire_cluster()
+    except sh.SlurmError as e:
+        if os.environ.get("CI") == "true":
+            raise
+        pytest.skip(str(e))
+    yield cluster
+    sh.release_cluster()
+
+
+def cached_run_weights(tmp_path_factory, name: str, args_for, nprocs: int = 1) -> dict:
+    """Final weights of an uninterrupted reference run, trained once per pytest session (shared by xdist workers
+    under a file lock). ``args_for(run_dir)`` returns the distrain arguments."""
+    import fcntl
+    import shutil
+
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # parent: shared by this run's workers
+    run = shared / f"ref-{name}"
+    with open(f"{run}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (run / "model.safetensors").exists():
+            shutil.rmtree(run, ignore_errors=True)
+            run_distrain(args_for(run), nprocs=nprocs, check=True)
+    return load_weights(run / "model.safetensors")

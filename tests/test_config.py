@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from distrain.config import Config, all_keys, config_from_dict, load_config
+from distrain.config import all_keys, config_from_dict, load_config
 from distrain.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]

@@ -11,7 +11,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from conftest import load_weights, max_abs_diff, read_jsonl, run_distrain, smoke_args
 from distrain.data.sampling import epoch_permutation

@@ -96,21 +96,6 @@ print(f"[fake] rank {rank} done", flush=True)
 # --- fixtures --------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
-def slurm_cluster():
-    ok, reason = sh.slurm_available()
-    if not ok:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"SLURM is required in CI: {reason}")
-        pytest.skip(reason)
-    try:
-        cluster = sh.acquire_cluster()
-    except sh.SlurmError as e:
-        if os.environ.get("CI") == "true":
-            raise
-        pytest.skip(str(e))
-    yield cluster
-    sh.release_cluster()
 
 
 @pytest.fixture

@@ -20,10 +20,8 @@ The uninterrupted reference runs are plain `python -m distrain train` runs on th
 
 from __future__ import annotations
 
-import fcntl
 import json
-import os
-import shutil
+
 import sys
 import time
 from pathlib import Path
@@ -31,7 +29,7 @@ from pathlib import Path
 import pytest
 
 import slurm_helpers as sh
-from conftest import load_weights, max_abs_diff, run_distrain, subprocess_env
+from conftest import cached_run_weights, load_weights, max_abs_diff, subprocess_env
 from distrain.signals import EXIT_STOPPED
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,21 +55,6 @@ def _kv(cfg: dict) -> list[str]:
 # --- fixtures --------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
-def slurm_cluster():
-    ok, reason = sh.slurm_available()
-    if not ok:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"SLURM is required in CI: {reason}")
-        pytest.skip(reason)
-    try:
-        cluster = sh.acquire_cluster()
-    except sh.SlurmError as e:
-        if os.environ.get("CI") == "true":
-            raise
-        pytest.skip(str(e))
-    yield cluster
-    sh.release_cluster()
 
 
 @pytest.fixture
@@ -95,6 +78,15 @@ class Job:
     def log(self) -> str:
         p = self.run / f"slurm-{self.id}.log"
         return p.read_text(errors="replace") if p.exists() else f"(no {p})"
+
+    def wait_for_log(self, *texts: str, timeout: float = 30) -> str:
+        """The job log once it holds every one of ``texts`` (lines reach it through tee, a little behind)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            log = self.log
+            if all(t in log for t in texts) or time.monotonic() > deadline:
+                return log
+            time.sleep(0.2)
 
     def context(self) -> str:
         """Everything useful when an assertion fails."""
@@ -158,31 +150,23 @@ def submit(job_env, tmp_path):
         sh.cancel(j.id, env=job_env)
 
 
-def _shared_dir(tmp_path_factory) -> Path:
-    base = tmp_path_factory.getbasetemp()
-    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # parent: shared by this run's workers
-
-
 @pytest.fixture(scope="session")
 def reference(tmp_path_factory):
     """reference(name, cfg, nprocs) -> final weights of an uninterrupted local run, computed once per session."""
 
     def get(name: str, cfg: dict, nprocs: int = 1) -> dict:
-        run = _shared_dir(tmp_path_factory) / f"slurm-jobs-ref-{name}"
-        with open(f"{run}.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            if not (run / "model.safetensors").exists():
-                shutil.rmtree(run, ignore_errors=True)
-                run_distrain(["train", f"output_dir={run}", *_kv(cfg)], nprocs=nprocs, check=True)
-        return load_weights(run / "model.safetensors")
+        return cached_run_weights(tmp_path_factory, f"slurm-jobs-{name}",
+                                  lambda run: ["train", f"output_dir={run}", *_kv(cfg)], nprocs)
 
     return get
 
 
 def _assert_stopped_cleanly(job: Job, t0: float, pending: dict) -> None:
-    """After a stop signal: one "stop" checkpoint, exit 75, out of RUNNING long before SLURM's SIGKILL."""
+    """After a stop signal: one "stop" checkpoint, exit 75, out of RUNNING before SLURM's SIGKILL."""
+    elapsed = time.monotonic() - t0
+    job.wait_for_log("checkpoint saved")
     ctx = job.context()
-    assert time.monotonic() - t0 < 25, ctx  # KillWait is 30 s: the trainers exited on their own
+    assert elapsed < 30, ctx  # KillWait is 30 s: the trainers exited on their own, before any SIGKILL
     assert pending["Restarts"] >= 1, ctx
     stops = [e for e in job.events("checkpoint") if e["reason"] == "stop"]
     assert len(stops) == 1, ctx
@@ -240,7 +224,7 @@ def test_scontrol_requeue_mid_run_resumes_to_the_same_weights(submit, reference)
     sh.requeue(job.id, env=job.env)  # SIGTERM to every process of the job, then back to the queue
     pending = job.wait({"PENDING"}, timeout=60)
     _assert_stopped_cleanly(job, t0, pending)
-    assert f"srun exited with {EXIT_STOPPED}" in job.log, job.context()  # the trainer's own exit, no SIGKILL
+    assert f"srun exited with {EXIT_STOPPED}" in job.wait_for_log(f"srun exited with {EXIT_STOPPED}"), job.context()  # the trainer's own exit, no SIGKILL
     sh.release(job.id, env=job.env)
     _assert_resumed_and_completed(job)
     assert max_abs_diff(job.weights(), reference("1proc", RESUME_CFG)) <= 1e-6
@@ -253,7 +237,7 @@ def test_usr1_two_nodes_checkpoint_self_requeue_and_resume(submit, reference):
     sh.signal_job(job.id, "USR1", full=True, env=job.env)  # as the time-limit warning, plus the batch shell
     pending = job.wait({"PENDING"}, timeout=60)
     _assert_stopped_cleanly(job, t0, pending)
-    log = job.log
+    log = job.wait_for_log(f"requeued SLURM job {job.id}", "batch shell got SIGUSR1")
     assert f"requeued SLURM job {job.id}" in log and "batch shell got SIGUSR1" in log, job.context()
     sh.release(job.id, env=job.env)
     _assert_resumed_and_completed(job)

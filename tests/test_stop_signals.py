@@ -13,10 +13,8 @@ file lock).
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -25,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import distrain_cmd, load_weights, max_abs_diff, run_distrain, subprocess_env
+from conftest import cached_run_weights, distrain_cmd, load_weights, max_abs_diff, run_distrain, subprocess_env
 from distrain.checkpoint import list_checkpoints, read_meta, verify
 from distrain.signals import EXIT_STOPPED
 
@@ -44,23 +42,12 @@ def _args(out: Path, cfg: dict) -> list[str]:
     return ["train", f"output_dir={out}", *(f"{k}={v}" for k, v in cfg.items())]
 
 
-def _shared_dir(tmp_path_factory) -> Path:
-    base = tmp_path_factory.getbasetemp()
-    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # parent: shared by this run's workers
-
-
 @pytest.fixture(scope="session")
 def reference(tmp_path_factory):
     """reference(name, cfg, nprocs) -> the final weights of an uninterrupted run, computed once per session."""
 
     def get(name: str, cfg: dict, nprocs: int = 1) -> dict:
-        run = _shared_dir(tmp_path_factory) / f"stop-signals-ref-{name}"
-        with open(f"{run}.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            if not (run / "model.safetensors").exists():
-                shutil.rmtree(run, ignore_errors=True)
-                run_distrain(_args(run, cfg), nprocs=nprocs, check=True)
-        return load_weights(run / "model.safetensors")
+        return cached_run_weights(tmp_path_factory, f"stop-signals-{name}", lambda run: _args(run, cfg), nprocs)
 
     return get
 

@@ -1,10 +1,8 @@
 """End to end on one CPU process: train on CIFAR-format files, then the run directory, eval and predict."""
 
 import json
-from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from conftest import load_weights, read_jsonl, run_distrain, smoke_args
