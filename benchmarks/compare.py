@@ -3,9 +3,10 @@
 1. Training step: distrain's real loop (`Trainer.train_one_epoch`, built as `distrain train` builds it,
    through Accelerate) against a bare PyTorch loop: the same model and initial weights, the same
    optimizer (distrain's SGD: momentum 0.9, nesterov, weight decay 5e-4, constant lr), the same batch
-   size and batches in the same order, fp32, augmentation off on both. The bare loop indexes a
-   pre-normalised float32 copy of the split (the least work per step a loop can do), so distrain's
-   gather + normalise counts against it.
+   size and batches in the same order, fp32, augmentation off on both; before each round the bare loop
+   takes distrain's weights and optimizer state (CPU kernels run at weight-dependent speeds). The bare
+   loop indexes a pre-normalised float32 copy of the split (the least work per step a loop can do), so
+   distrain's gather + normalise counts against it.
 2. Augmented input pipeline: distrain's device path (gather, crop + flip, normalise on the device,
    here the CPU) and its DataLoader path, against the seed tutorial's pipeline: a
    torchvision.datasets.CIFAR10-style dataset (one PIL image per item) with
@@ -13,9 +14,12 @@
    through a shuffling DataLoader, with 0 workers and with as many workers as cores (the better
    one is the reference).
 
-Every contestant warms up, then contestants take turns timing windows (rotating the order) so drift
-and other load on the machine hit them alike; each reports the median window. The thread count is
-set once for the process (``--threads``) and holds for all. Data: distrain's synthetic CIFAR-10
+Every contestant warms up, then contestants take turns timing windows (rotating the order, a short
+pause in between) so drift and other load on the machine hit them alike; each reports its median
+window, and a ratio is the median over rounds of the ratio of back-to-back windows. Rates per
+CPU-second of the process are reported too (steadier on a shared machine; not for DataLoader workers,
+whose CPU time is another process's). The thread count is set once for the process (``--threads``)
+and holds for all. Data: distrain's synthetic CIFAR-10
 stand-in (CIFAR-10's shapes), or real CIFAR-10 with ``--data cifar10 --root DIR``.
 
     .venv/bin/python benchmarks/compare.py                 # table on stdout

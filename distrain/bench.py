@@ -179,7 +179,7 @@ def bench(cfg: Config, steps: int = 30, warmup: int = 5, data_repeats: int = 3) 
     for _ in range(data_repeats):
         images, seconds = _timed(trainer, lambda: data.run(window))
         data_rates.append(images / max(seconds, 1e-9))
-    del data
+    data.last = None  # the last batch: free it before training
 
     # The full training step, through the real loop.
     run_train_steps(trainer, warmup)
