@@ -62,6 +62,15 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(l) for l in Path(path).read_text().splitlines() if l.strip()]
 
 
+def metrics_events(run_dir: Path, kind: str) -> list[dict]:
+    """`kind` records of a run's metrics.jsonl, readable while the run writes (a half-written last line is skipped)."""
+    m = Path(run_dir) / "metrics.jsonl"
+    if not m.exists():
+        return []
+    lines = [l for l in m.read_text().splitlines() if l.endswith("}")]
+    return [r for r in map(json.loads, lines) if r.get("event") == kind]
+
+
 def load_weights(path: Path) -> dict:
     from safetensors.torch import load_file
 

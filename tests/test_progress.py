@@ -111,23 +111,22 @@ def test_tick_is_throttled_and_silent_when_disabled() -> None:
     assert s.getvalue().count("\r") < 50  # not one redraw per step
     for mode in ("bar", "lines"):
         quiet = FakeStream(tty=True)
-        q = Progress(enabled=False, mode=mode, stream=quiet)  # every rank but the main one
-        q.write("banner")
-        q.start_epoch(0, 2)
-        q.tick(1)
-        q.update(2, loss=1.0, img_per_s=1.0, lr=0.1)
-        q.close()
+        _one_short_epoch(Progress(enabled=False, mode=mode, stream=quiet))  # every rank but the main one
         assert quiet.getvalue() == ""
 
 
-def test_none_mode_keeps_log_lines_only() -> None:
-    s = FakeStream(tty=True)
-    p = Progress(enabled=True, mode="none", stream=s)
+def _one_short_epoch(p: Progress) -> None:
+    """A banner line, then one two-step epoch through every call the engine makes."""
     p.write("banner")
     p.start_epoch(0, 2)
     p.tick(1)
     p.update(2, loss=1.0, img_per_s=1.0, lr=0.1)
     p.close()
+
+
+def test_none_mode_keeps_log_lines_only() -> None:
+    s = FakeStream(tty=True)
+    _one_short_epoch(Progress(enabled=True, mode="none", stream=s))
     assert s.getvalue() == "banner\n"
 
 

@@ -20,7 +20,6 @@ The uninterrupted reference runs are plain `python -m distrain train` runs on th
 
 from __future__ import annotations
 
-import json
 
 import sys
 import time
@@ -29,7 +28,7 @@ from pathlib import Path
 import pytest
 
 import slurm_helpers as sh
-from conftest import cached_run_weights, load_weights, max_abs_diff, subprocess_env
+from conftest import cached_run_weights, metrics_events, load_weights, max_abs_diff, subprocess_env
 from distrain.signals import EXIT_STOPPED
 
 REPO = Path(__file__).resolve().parents[1]
@@ -97,11 +96,7 @@ class Job:
         return ctx
 
     def events(self, kind: str) -> list[dict]:
-        m = self.run / "metrics.jsonl"
-        if not m.exists():
-            return []
-        lines = [l for l in m.read_text().splitlines() if l.endswith("}")]  # the last one may be half written
-        return [r for r in map(json.loads, lines) if r.get("event") == kind]
+        return metrics_events(self.run, kind)
 
     def wait_for_checkpoint(self, timeout: float = 180) -> dict:
         """The first checkpoint event: the job is past start-up and mid-training."""

@@ -13,7 +13,6 @@ file lock).
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import cached_run_weights, distrain_cmd, load_weights, max_abs_diff, run_distrain, subprocess_env
+from conftest import cached_run_weights, metrics_events, distrain_cmd, load_weights, max_abs_diff, run_distrain, subprocess_env
 from distrain.checkpoint import list_checkpoints, read_meta, verify
 from distrain.signals import EXIT_STOPPED
 
@@ -69,12 +68,7 @@ class Training:
         return self.log_path.read_text(errors="replace")
 
     def events(self, kind: str) -> list[dict]:
-        m = self.run / "metrics.jsonl"
-        if not m.exists():
-            return []
-        # The last line may be half written while the run is going.
-        lines = [l for l in m.read_text().splitlines() if l.endswith("}")]
-        return [r for r in map(json.loads, lines) if r.get("event") == kind]
+        return metrics_events(self.run, kind)
 
     def wait_for_checkpoint(self, timeout: float = 180) -> dict:
         """The first checkpoint event: the run is mid-training (every_steps checkpoint, more steps to go)."""
