@@ -463,6 +463,18 @@ class Trainer:
         t0, seen_since = time.time(), 0
         trace = [] if cfg.log.trace_samples else None
         first_step = st.step_in_epoch
+
+        def fold() -> None:
+            """Move the device-side running sums into the epoch totals (one host sync) and restart them."""
+            nonlocal run_samples
+            self._fold_running(run_loss, run_correct, run_samples)
+            run_loss.zero_(), run_correct.zero_()
+            run_samples = 0
+
+        def save_trace() -> None:
+            if trace is not None:
+                self._write_trace(f"train-epoch{epoch}-from{first_step}", trace)
+
         self.progress.start_epoch(epoch, plan.num_steps, st.step_in_epoch, epochs=cfg.train.epochs,
                                   global_step=st.global_step, run_total_steps=self.total_steps)
         for step in range(st.step_in_epoch, plan.num_steps):
@@ -502,31 +514,24 @@ class Trainer:
             self.progress.tick(st.step_in_epoch, st.global_step)
 
             if st.global_step % cfg.log.every_steps == 0 or st.step_in_epoch == plan.num_steps:
-                self._fold_running(run_loss, run_correct, run_samples)
-                run_loss.zero_(), run_correct.zero_()
-                run_samples = 0
+                fold()
                 dt = time.time() - t0
                 self.log_step(epoch, seen_since / max(dt, 1e-9))
                 t0, seen_since = time.time(), 0
             # (The epoch's last step and the max_steps one are saved by fit() right after: no duplicate.)
             if (cfg.checkpoint.every_steps and st.global_step % cfg.checkpoint.every_steps == 0
                     and st.step_in_epoch < plan.num_steps and not self.reached_max_steps()):
-                self._fold_running(run_loss, run_correct, run_samples)
-                run_loss.zero_(), run_correct.zero_()
-                run_samples = 0
-                if trace is not None:  # what the checkpoint covers; trimmed to the resume point on resume
-                    self._write_trace(f"train-epoch{epoch}-from{first_step}", trace)
+                fold()
+                save_trace()  # what the checkpoint covers; trimmed to the resume point on resume
                 self.ckpts.save(reason="every_steps")
             if self.stop_requested():
-                self._fold_running(run_loss, run_correct, run_samples)
-                if trace is not None:
-                    self._write_trace(f"train-epoch{epoch}-from{first_step}", trace)
+                fold()
+                save_trace()
                 return True
             if self.reached_max_steps():
                 break
-        self._fold_running(run_loss, run_correct, run_samples)
-        if trace is not None:
-            self._write_trace(f"train-epoch{epoch}-from{first_step}", trace)
+        fold()
+        save_trace()
         self.progress.end_epoch()
         self.log_epoch(epoch)
         return False
@@ -541,10 +546,11 @@ class Trainer:
 
     def _fold_running(self, loss: torch.Tensor, correct: torch.Tensor, samples: int) -> None:
         st = self.state
-        st.epoch_loss_sum += float(loss.item())
+        loss_sum = float(loss.item())
+        st.epoch_loss_sum += loss_sum
         st.epoch_correct += int(correct.item())
         st.epoch_samples += samples
-        self._last_interval = (float(loss.item()), samples)
+        self._last_interval = (loss_sum, samples)
 
     def stop_requested(self) -> bool:
         """Hook for preemption signals (set by the CLI); all ranks agree before anyone stops."""
