@@ -208,6 +208,7 @@ def test_usr1_reaches_workers_launcher_survives_job_requeues_itself(jobs, job_en
     assert stops[0]["requeued"], ctx
     info = sh.wait_for(job, {"PENDING"}, timeout=60, env=job_env)
     assert info["Restarts"] >= 1 and info["Reason"] == "BeginTime", ctx
+    _wait_for_first_run_to_finish(tree, run, job)
     sh.release(job, env=job_env)
     info = sh.wait_for(job, {"COMPLETED"}, timeout=150, env=job_env)
     ctx = _ctx(tree, run, job, job_env)
@@ -217,6 +218,14 @@ def test_usr1_reaches_workers_launcher_survives_job_requeues_itself(jobs, job_en
     # Both runs appended to the same log in the same run dir; the batch shell saw USR1 and kept going.
     assert "job %s (restart 0)" % job in log and "job %s (restart 1)" % job in log, log
     assert "batch shell got SIGUSR1" in log, log
+
+
+def _wait_for_first_run_to_finish(tree: Path, run: str, job: str, timeout: float = 60) -> None:
+    """Release a requeued job only once its first run's batch shell is done: a release while the old
+    instance is still completing let the job end FAILED once (under heavy load)."""
+    deadline = time.monotonic() + timeout
+    while "srun exited with" not in _log(tree, run, job) and time.monotonic() < deadline:
+        time.sleep(0.2)
 
 
 @pytest.mark.slurm
@@ -242,6 +251,7 @@ def test_scontrol_requeue_sends_sigterm_and_the_job_comes_back(jobs, job_env, tr
     # It exited on its own after its 2 s "save", long before SLURM's SIGKILL (KillWait=30 s).
     assert time.time() - t0 < 25, ctx
     assert info["Restarts"] == 1, ctx
+    _wait_for_first_run_to_finish(tree, run, job)
     sh.release(job, env=job_env)
     info = sh.wait_for(job, {"COMPLETED"}, timeout=120, env=job_env)
     assert info["Restarts"] == 1 and info["ExitCode"] == "0:0", _ctx(tree, run, job, job_env)
@@ -261,6 +271,7 @@ def test_array_task_run_dir_and_self_requeue_by_array_ref(jobs, job_env, tree):
     sh.signal_job(job, "USR1", env=job_env)  # steps only, as the time-limit signal does
     stop = _read(sh.wait_for_file(tree / run / "stop-r0-rank0.json", timeout=60, env=job_env))
     assert stop["reason"] == "SIGUSR1" and stop["requeued"], _ctx(tree, run, ref, job_env)  # scontrol requeue A_3
+    _wait_for_first_run_to_finish(tree, run, ref)
     sh.release(job, env=job_env)
     info = sh.wait_for(job, {"COMPLETED"}, timeout=120, env=job_env)
     assert info["Restarts"] == 1, _ctx(tree, run, ref, job_env)

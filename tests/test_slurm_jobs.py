@@ -232,7 +232,7 @@ def test_usr1_two_nodes_checkpoint_self_requeue_and_resume(submit, reference):
     sh.signal_job(job.id, "USR1", full=True, env=job.env)  # as the time-limit warning, plus the batch shell
     pending = job.wait({"PENDING"}, timeout=60)
     _assert_stopped_cleanly(job, t0, pending)
-    log = job.wait_for_log(f"requeued SLURM job {job.id}", "batch shell got SIGUSR1")
+    log = job.wait_for_log(f"requeued SLURM job {job.id}", "batch shell got SIGUSR1", "srun exited with")
     assert f"requeued SLURM job {job.id}" in log and "batch shell got SIGUSR1" in log, job.context()
     sh.release(job.id, env=job.env)
     _assert_resumed_and_completed(job)
