@@ -282,12 +282,12 @@ def test_array_task_run_dir_and_self_requeue_by_array_ref(jobs, job_env, tree):
 @pytest.mark.slurm
 @pytest.mark.slow
 def test_time_limit_signal_goes_to_the_trainer_not_the_batch_shell(jobs, job_env, tree):
-    # A 2-minute limit with the warning 115 s before it: due 5 s in. slurmctld checks time limits only every
-    # 30-60 s, so with --time=1 the first check could come after the limit itself (seen once: SIGTERM, no USR1);
-    # here the warning has a minute of margin. (--signal on the command line overrides the script's #SBATCH.)
-    job = _submit(jobs, job_env, tree, "--time=2", "--signal=USR1@115", "slurm/train.sbatch", "fake.requeue=0")
+    # A 3-minute limit with the warning 150 s before it: due 30 s in, once the trainer has its handler (a USR1
+    # at start-up, before any handler, would kill the task). slurmctld checks limits only every 30-60 s, so the
+    # warning lands 30-90 s in, well before the limit (with --time=1 it once came only after the limit).
+    job = _submit(jobs, job_env, tree, "--time=3", "--signal=USR1@150", "slurm/train.sbatch", "fake.requeue=0")
     run = f"runs/slurm-{job}"
-    stop = _read(sh.wait_for_file(tree / run / "stop-r0-rank0.json", timeout=150, job_id=job, env=job_env))
+    stop = _read(sh.wait_for_file(tree / run / "stop-r0-rank0.json", timeout=200, job_id=job, env=job_env))
     log = _log(tree, run, job)
     assert stop["reason"] == "SIGUSR1" and stop["requeue"], log
     assert "batch shell got SIGUSR1" not in log, log
