@@ -10,8 +10,10 @@ Who sends what (see slurm/train.sbatch):
   every process of the job steps on every node, not to the batch shell), or ``scancel --signal=USR1``.
   Under SLURM the job should requeue itself after saving (:attr:`StopSignals.requeue`, :func:`requeue_slurm_job`)
   so that it continues from the checkpoint; outside SLURM it is just a stop request. torch's elastic agent
-  (``accelerate launch``) would die of SIGUSR1, so launch/slurm_node.py starts it with SIGUSR1 ignored; the
-  workers inherit the ignored disposition until :meth:`StopSignals.install` sets the handler.
+  (``accelerate launch``) would die of SIGUSR1, so launch/slurm_node.py starts it with SIGUSR1 blocked; the
+  workers inherit the blocked mask, and a warning that arrives while they import torch stays pending until
+  :meth:`StopSignals.install` sets the handler and unblocks it (SLURM may send it up to 60 s early, so a short job
+  can get it during start-up).
 * ``SIGTERM`` -- ``scancel``, ``scontrol requeue``, preemption, the time limit itself, or ``kill``. SLURM sends
   SIGKILL ``KillWait`` seconds later (30 s by default; torch's elastic agent also kills its workers 30 s after
   forwarding a SIGTERM), so finish the current step, save and exit well within that. SLURM requeues or cancels
@@ -153,6 +155,9 @@ class StopSignals:
             raise RuntimeError("StopSignals.install() must be called from the main thread")
         for sig in self._signals:
             self._old[sig] = signal.signal(sig, self._handle)
+        # launch/slurm_node.py blocks SIGUSR1 so that SLURM's warning waits for this handler: take it now (a pending
+        # one runs the handler at once).
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, set(self._signals))
         return self
 
     def uninstall(self) -> None:

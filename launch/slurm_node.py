@@ -11,9 +11,13 @@ examples). Then it replaces itself (os.execv) with
   --main_process_ip ADDR --main_process_port PORT -m distrain ARGS`` otherwise (torch's elastic agent, static
   rendezvous on ADDR:PORT, P worker processes on this node; on CPU-only nodes P=1 and DDP runs over gloo).
 
-Before exec it sets SIGUSR1 to SIG_IGN. An ignored disposition survives exec and fork, so the elastic agent
-(which would die of SIGUSR1's default action, taking the step down with it) ignores SLURM's time-limit warning,
-while the workers inherit "ignored" and replace it with their own handler (distrain.signals.StopSignals).
+SIGUSR1 is blocked from the first line on (before the imports, so the window in which SLURM's time-limit warning
+kills the task is only the interpreter's own start-up). A blocked signal stays blocked across exec and fork and a
+signal that arrives meanwhile stays pending instead of being lost: the elastic agent (which would die of SIGUSR1's
+default action, taking the step down with it) never sees it, and a worker or a single trainer that is still
+importing torch when the warning comes acts on it as soon as distrain.signals.StopSignals installs its handler and
+unblocks it. (SLURM may send the warning up to 60 s before the time requested with --signal, so a short job can
+get it during start-up; SIG_IGN, used before, dropped it and the job then ran into its time limit.)
 SIGTERM/SIGINT are left alone: the agent forwards them to its workers and waits up to 30 s
 (TORCH_ELASTIC_SHUTDOWN_TIMEOUT) before killing them; SLURM signals the workers directly too.
 
@@ -29,11 +33,15 @@ Environment it reads (train.sbatch sets the first two; all have fallbacks):
 
 from __future__ import annotations
 
+import signal
+
+if __name__ == "__main__":  # first thing: keep SLURM's time-limit warning pending for the trainer (see above)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+
 import json
 import os
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 
@@ -161,7 +169,6 @@ def main(argv: list[str] | None = None) -> int:
         file=sys.stderr,
         flush=True,
     )
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     os.execv(p["argv"][0], p["argv"])
     return 127  # not reached
 

@@ -170,6 +170,30 @@ print(json.dumps({"requested": stop.requested}), flush=True)
 """
 
 
+AFTER_EXEC = r"""
+import json, signal, time
+from distrain.signals import StopSignals
+pending = signal.SIGUSR1 in signal.sigpending()
+stop = StopSignals().install()
+time.sleep(0.2)
+print(json.dumps({"pending": pending, "reason": stop.reason, "requeue": stop.requeue}))
+"""
+
+BLOCK_THEN_EXEC = r"""
+import os, signal, sys
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})     # what launch/slurm_node.py does
+os.kill(os.getpid(), signal.SIGUSR1)                           # the warning comes "during start-up"
+os.execv(sys.executable, [sys.executable, "-c", sys.argv[1]])
+"""
+
+
+def test_usr1_blocked_before_exec_is_acted_on_once_the_handler_is_installed():
+    proc = subprocess.run([sys.executable, "-c", BLOCK_THEN_EXEC, AFTER_EXEC], capture_output=True, text=True,
+                          env=_env(slurm=True), timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == {"pending": True, "reason": "SIGUSR1", "requeue": True}
+
+
 def test_uninstall_restores_previous_handlers():
     proc = subprocess.run(
         [sys.executable, "-c", RESTORE],
