@@ -286,10 +286,10 @@ def test_array_task_run_dir_and_self_requeue_by_array_ref(jobs, job_env, tree):
 @pytest.mark.slurm
 @pytest.mark.slow
 def test_time_limit_signal_goes_to_the_trainer_not_the_batch_shell(jobs, job_env, tree):
-    # A 4-minute limit with the warning asked for 150 s before it. SLURM may send it up to 60 s earlier than asked
-    # (its timer runs every 30 s): here 30-90 s in, after the step has started, well before the limit. (Asked for
-    # 30 s in, it came within a second in CI, before srun's step existed or while slurm_node.py started; with
-    # --time=1 it once came only after the limit.)
+    # A 4-minute limit with the warning asked for 150 s before it. slurmctld sends it once the time left is under
+    # the warning time plus 30 s, on a 30 s timer: here 60-90 s in (62 s in the CI run that passed), after the
+    # step has started and well before the limit. (--time=3 made it due at once: it came within a second in CI,
+    # while slurm_node.py started, and the job FAILED; with --time=1 it once came only after the limit.)
     job = _submit(jobs, job_env, tree, "--time=4", "--signal=USR1@150", "slurm/train.sbatch", "fake.requeue=0")
     run = f"runs/slurm-{job}"
     try:
