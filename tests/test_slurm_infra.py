@@ -287,7 +287,7 @@ def test_array_task_run_dir_and_self_requeue_by_array_ref(jobs, job_env, tree):
 @pytest.mark.slow
 def test_time_limit_signal_goes_to_the_trainer_not_the_batch_shell(jobs, job_env, tree):
     # A 4-minute limit with the warning asked for 150 s before it. slurmctld sends it once the time left is under
-    # the warning time plus 30 s, on a 30 s timer: here 60-90 s in (62 s in the CI run that passed), after the
+    # the warning time plus 30 s, on a 30 s timer: here 60-90 s in (the test took 63 s in a full CI run), after the
     # step has started and well before the limit. (--time=3 made it due at once: it came within a second in CI,
     # while slurm_node.py started, and the job FAILED; with --time=1 it once came only after the limit.)
     job = _submit(jobs, job_env, tree, "--time=4", "--signal=USR1@150", "slurm/train.sbatch", "fake.requeue=0")
