@@ -250,17 +250,16 @@ def test_scontrol_requeue_sends_sigterm_and_the_job_comes_back(jobs, job_env, tr
     stop = _read(sh.wait_for_file(tree / run / "stop-r0-rank0.json", timeout=40, env=job_env))
     ctx = _ctx(tree, run, job, job_env)
     assert stop["reason"] == "SIGTERM" and not stop["requeue"] and not stop["requeued"], ctx
-    assert stop["seen"] - t0 < 5, ctx
+    assert stop["seen"] - t0 < 30, ctx  # inside KillWait (30 s): the trainer had the time to save
     info = sh.wait_for(job, {"PENDING"}, timeout=60, env=job_env)
-    # It exited on its own after its 2 s "save", long before SLURM's SIGKILL (KillWait=30 s).
-    assert time.time() - t0 < 25, ctx
     assert info["Restarts"] == 1, ctx
     _wait_for_first_run_to_finish(tree, run, job)
     sh.release(job, env=job_env)
     info = sh.wait_for(job, {"COMPLETED"}, timeout=120, env=job_env)
     assert info["Restarts"] == 1 and info["ExitCode"] == "0:0", _ctx(tree, run, job, job_env)
     assert (tree / run / "done-r1-rank0.json").exists()
-    assert "srun exited with 75" in _log(tree, run, job)  # EXIT_STOPPED from the stopped run
+    # EXIT_STOPPED from the stopped run: it exited on its own after its 2 s "save", not by SLURM's SIGKILL.
+    assert "srun exited with 75" in _log(tree, run, job)
 
 
 @pytest.mark.slurm

@@ -1,8 +1,6 @@
-"""Synthetic CIFAR-10 stand-in: sizes, determinism, prefix property, speed and learnability."""
+"""Synthetic CIFAR-10 stand-in: sizes, determinism, prefix property and learnability."""
 
 from __future__ import annotations
-
-import time
 
 import numpy as np
 import pytest
@@ -12,17 +10,13 @@ from distrain.data.synthetic import MEAN, STD, TEST_SIZE, TRAIN_SIZE, make_synth
 from distrain.errors import UserError
 
 
-def test_full_splits_have_cifar_sizes_and_are_fast() -> None:
-    t = time.perf_counter()
+def test_full_splits_have_cifar_sizes() -> None:
     x, y, classes = make_synthetic(train=True, seed=0)
-    elapsed = time.perf_counter() - t
     assert x.shape == (TRAIN_SIZE, 3, 32, 32) == (50_000, 3, 32, 32) and x.dtype == np.uint8
     assert x.flags.c_contiguous
     assert y.shape == (50_000,) and y.dtype == np.int64
     assert classes == cifar10.CLASSES
     np.testing.assert_array_equal(np.bincount(y, minlength=10), np.full(10, 5000))
-    # Typically ~0.3 s on 2 idle cores; the loose bound only catches a return to per-image loops.
-    assert elapsed < 10.0
     xt, yt, _ = make_synthetic(train=False, seed=0)
     assert xt.shape == (TEST_SIZE, 3, 32, 32) == (10_000, 3, 32, 32) and yt.shape == (10_000,)
 
