@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -69,6 +70,21 @@ def metrics_events(run_dir: Path, kind: str) -> list[dict]:
         return []
     lines = [l for l in m.read_text().splitlines() if l.endswith("}")]
     return [r for r in map(json.loads, lines) if r.get("event") == kind]
+
+
+def wait_for_first_checkpoint(run_dir: Path, ended, context, timeout: float = 180, poll: float = 0.1) -> dict:
+    """The run's first checkpoint event (it is past start-up and mid-training). ``ended()`` returns why the run
+    stopped before one (e.g. "training exited 1") or None while it runs; ``context()`` is added to a failure."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ev = metrics_events(run_dir, "checkpoint")
+        if ev:
+            return ev[0]
+        why = ended()
+        if why:
+            pytest.fail(f"{why} before its first checkpoint{context()}")
+        time.sleep(poll)
+    pytest.fail(f"no checkpoint within {timeout:g} s{context()}")
 
 
 def load_weights(path: Path) -> dict:

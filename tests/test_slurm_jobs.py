@@ -28,7 +28,8 @@ from pathlib import Path
 import pytest
 
 import slurm_helpers as sh
-from conftest import cached_run_weights, metrics_events, load_weights, max_abs_diff, subprocess_env
+from conftest import (cached_run_weights, load_weights, max_abs_diff, metrics_events, subprocess_env,
+                      wait_for_first_checkpoint)
 from distrain.signals import EXIT_STOPPED
 
 REPO = Path(__file__).resolve().parents[1]
@@ -100,16 +101,12 @@ class Job:
 
     def wait_for_checkpoint(self, timeout: float = 180) -> dict:
         """The first checkpoint event: the job is past start-up and mid-training."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            ev = self.events("checkpoint")
-            if ev:
-                return ev[0]
+
+        def ended():
             info = sh.job_info(self.id, self.env)
-            if info is None or info.get("JobState") in sh.TERMINAL_STATES:
-                pytest.fail(f"job ended before its first checkpoint{self.context()}")
-            time.sleep(0.1)
-        pytest.fail(f"no checkpoint within {timeout:g} s{self.context()}")
+            return "job ended" if info is None or info.get("JobState") in sh.TERMINAL_STATES else None
+
+        return wait_for_first_checkpoint(self.run, ended, self.context, timeout)
 
     def wait(self, states, timeout: float = 180) -> dict:
         try:

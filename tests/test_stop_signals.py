@@ -22,7 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import cached_run_weights, metrics_events, distrain_cmd, load_weights, max_abs_diff, run_distrain, subprocess_env
+from conftest import (cached_run_weights, distrain_cmd, load_weights, max_abs_diff, metrics_events, run_distrain,
+                      subprocess_env, wait_for_first_checkpoint)
 from distrain.checkpoint import list_checkpoints, read_meta, verify
 from distrain.signals import EXIT_STOPPED
 
@@ -72,15 +73,9 @@ class Training:
 
     def wait_for_checkpoint(self, timeout: float = 180) -> dict:
         """The first checkpoint event: the run is mid-training (every_steps checkpoint, more steps to go)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            ev = self.events("checkpoint")
-            if ev:
-                return ev[0]
-            if self.proc.poll() is not None:
-                pytest.fail(f"training exited {self.proc.returncode} before its first checkpoint\n{self.log[-5000:]}")
-            time.sleep(0.05)
-        pytest.fail(f"no checkpoint within {timeout:g} s\n{self.log[-5000:]}")
+        return wait_for_first_checkpoint(
+            self.run, lambda: None if self.proc.poll() is None else f"training exited {self.proc.returncode}",
+            lambda: "\n" + self.log[-5000:], timeout, poll=0.05)
 
     def signal_group(self, sig: int) -> None:
         os.killpg(self.proc.pid, sig)
