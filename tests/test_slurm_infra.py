@@ -151,6 +151,15 @@ def _log(tree: Path, run_dir: str, ref: str) -> str:
     return p.read_text(errors="replace") if p.exists() else f"(no {p})"
 
 
+def _record(tree: Path, run_dir: str, ref: str, env, name: str, timeout: float, job_id=None) -> dict:
+    """The stand-in's JSON record `name` in the run directory, once written; with job_id, fail as soon as the job
+    ended without it. A failure shows the job, its log and sbatch's output."""
+    try:
+        return _read(sh.wait_for_file(tree / run_dir / name, timeout=timeout, job_id=job_id, env=env))
+    except sh.SlurmError as e:
+        pytest.fail(f"{e}{_ctx(tree, run_dir, ref, env)}")
+
+
 def _ctx(tree: Path, run_dir: str, ref: str, env) -> str:
     """Everything useful when an assertion fails."""
     out = tree / f"slurm-{ref}.out"
@@ -240,14 +249,13 @@ def test_scontrol_requeue_sends_sigterm_and_the_job_comes_back(jobs, job_env, tr
         jobs, job_env, tree, "slurm/train.sbatch", f"output_dir={run}", "fake.seconds_restarted=0",
         "fake.save_seconds=2",
     )
-    start = sh.wait_for_file(tree / run / "start-r0-rank0.json", timeout=120, job_id=job, env=job_env)
-    rec = _read(start)
+    rec = _record(tree, run, job, job_env, "start-r0-rank0.json", timeout=120, job_id=job)
     # One process in all: no launcher in between, the trainer is the srun task itself.
     assert rec["parent_cmd"].startswith("slurmstepd"), rec
     assert rec["argv"] == ["train", f"output_dir={run}", "fake.seconds_restarted=0", "fake.save_seconds=2"]
     t0 = time.time()
     sh.requeue(job, env=job_env)
-    stop = _read(sh.wait_for_file(tree / run / "stop-r0-rank0.json", timeout=40, env=job_env))
+    stop = _record(tree, run, job, job_env, "stop-r0-rank0.json", timeout=40)
     ctx = _ctx(tree, run, job, job_env)
     assert stop["reason"] == "SIGTERM" and not stop["requeue"] and not stop["requeued"], ctx
     assert stop["seen"] - t0 < 30, ctx  # inside KillWait (30 s): the trainer had the time to save
@@ -268,11 +276,11 @@ def test_array_task_run_dir_and_self_requeue_by_array_ref(jobs, job_env, tree):
     array = _submit(jobs, job_env, tree, "--array=3", "slurm/train.sbatch", "fake.seconds_restarted=0")
     ref = f"{array}_3"
     run = f"runs/slurm-{ref}"
-    rec = _read(sh.wait_for_file(tree / run / "start-r0-rank0.json", timeout=120, job_id=array, env=job_env))
+    rec = _record(tree, run, ref, job_env, "start-r0-rank0.json", timeout=120, job_id=array)
     assert (rec["env"]["SLURM_ARRAY_JOB_ID"], rec["env"]["SLURM_ARRAY_TASK_ID"]) == (array, "3")
     job = rec["env"]["SLURM_JOB_ID"]
     sh.signal_job(job, "USR1", env=job_env)  # steps only, as the time-limit signal does
-    stop = _read(sh.wait_for_file(tree / run / "stop-r0-rank0.json", timeout=60, env=job_env))
+    stop = _record(tree, run, ref, job_env, "stop-r0-rank0.json", timeout=60)
     assert stop["reason"] == "SIGUSR1" and stop["requeued"], _ctx(tree, run, ref, job_env)  # scontrol requeue A_3
     _wait_for_first_run_to_finish(tree, run, ref)
     sh.release(job, env=job_env)
@@ -291,10 +299,7 @@ def test_time_limit_signal_goes_to_the_trainer_not_the_batch_shell(jobs, job_env
     # while slurm_node.py started, and the job FAILED; with --time=1 it once came only after the limit.)
     job = _submit(jobs, job_env, tree, "--time=4", "--signal=USR1@150", "slurm/train.sbatch", "fake.requeue=0")
     run = f"runs/slurm-{job}"
-    try:
-        stop = _read(sh.wait_for_file(tree / run / "stop-r0-rank0.json", timeout=200, job_id=job, env=job_env))
-    except sh.SlurmError as e:
-        pytest.fail(f"{e}{_ctx(tree, run, job, job_env)}")
+    stop = _record(tree, run, job, job_env, "stop-r0-rank0.json", timeout=200, job_id=job)
     log = _log(tree, run, job)
     assert stop["reason"] == "SIGUSR1" and stop["requeue"], log
     assert "batch shell got SIGUSR1" not in log, log
@@ -314,11 +319,7 @@ def test_usr1_during_start_up_waits_for_the_trainers_handler(jobs, job_env, tree
         sh.wait_for_file(tree / run / f"booting-r0-rank{r}.json", timeout=120, job_id=job, env=job_env)
     sent = time.time()
     sh.signal_job(job, "USR1", env=job_env)  # the job steps' processes, as the time-limit warning
-    try:
-        stops = [_read(sh.wait_for_file(tree / run / f"stop-r0-rank{r}.json", timeout=60, job_id=job, env=job_env))
-                 for r in range(nodes)]
-    except sh.SlurmError as e:
-        pytest.fail(f"{e}{_ctx(tree, run, job, job_env)}")
+    stops = [_record(tree, run, job, job_env, f"stop-r0-rank{r}.json", timeout=60, job_id=job) for r in range(nodes)]
     ctx = _ctx(tree, run, job, job_env)
     for s in stops:
         assert s["reason"] == "SIGUSR1" and s["requeue"], ctx
