@@ -1,6 +1,6 @@
 """Checkpoint save / verify / load time and on-disk size, for VGG16 and CIFAR10-quick (not a test).
 
-Drives the same code the trainer runs (`CheckpointManager.save`, `.find_resume`, `.load`) on a real
+Drives the same code the trainer runs (`CheckpointStore.save`, `.newest_good`, `resume.restore`) on a real
 Accelerate-prepared model and SGD optimizer with momentum buffers, without training: the numbers are
 those of `checkpoint.every_steps` saves and of a `resume=auto` start, one process.
 
@@ -25,75 +25,68 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from distrain import checkpoint as ckpt  # noqa: E402
+from distrain import ckpt_format as fmt  # noqa: E402
+from distrain import resume  # noqa: E402
+from distrain.checkpoint import CheckpointStore, Snapshot, rank_payload  # noqa: E402
 from distrain.config import Config  # noqa: E402
-from distrain.engine import Trainer, TrainState, make_accelerator, resolve_runtime  # noqa: E402
+from distrain.distributed import DistOptions, Strategy, resolve_runtime, unwrap  # noqa: E402
 from distrain.models import build_model  # noqa: E402
 from distrain.optim import build_optimizer, build_scheduler  # noqa: E402
+from distrain.state import TrainState  # noqa: E402
 
 
-class BenchTrainer:
-    """The parts of a Trainer that checkpoints touch, around a real prepared model and optimizer."""
-
-    _agree = Trainer._agree
-    model_state_dict = Trainer.model_state_dict
-    unwrapped = Trainer.unwrapped
-    is_deepspeed = False
-
-    def __init__(self, model_name: str, run_dir: Path):
-        cfg = Config()
-        cfg.output_dir, cfg.model.name, cfg.data.name = str(run_dir), model_name, "synthetic"
-        cfg.train.device, cfg.train.mixed_precision = "cpu", "no"
-        cfg.checkpoint.keep_last = 1
-        self.cfg = cfg
-        self.rt = resolve_runtime("cpu", "no")
-        self.accelerator = make_accelerator(self.rt)
-        self.rank, self.world, self.is_main = 0, 1, True
-        self.run_dir = run_dir
-        model = build_model(model_name, num_classes=10)
-        optimizer = build_optimizer(model, cfg.train, cfg.model, "cpu")
-        for group in optimizer.param_groups:  # as after a step: one momentum buffer per parameter
-            for p in group["params"]:
-                optimizer.state[p]["momentum_buffer"] = torch.randn_like(p)
-        self.scheduler = build_scheduler(optimizer, cfg.train, 390, 390 * cfg.train.epochs)
-        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
-        self.state = TrainState(epoch=3, step_in_epoch=100, global_step=1270, epoch_samples=12800)
-        self.train_split = SimpleNamespace(classes=[str(i) for i in range(10)])
-        self.global_batch = cfg.train.batch_size
-        self.metrics = SimpleNamespace(log=lambda *a, **k: None)
-        self.params = sum(p.numel() for p in model.parameters())
-
-    def log(self, msg: str) -> None:
-        print(msg, file=sys.stderr)
+def setup(model_name: str):
+    """A real Accelerate-prepared model and SGD optimizer with a momentum buffer per parameter."""
+    cfg = Config()
+    cfg.model.name, cfg.data.name, cfg.train.device, cfg.train.mixed_precision = \
+        model_name, "synthetic", "cpu", "no"
+    strategy = Strategy(resolve_runtime("cpu", "no"), DistOptions(batch_size=cfg.train.batch_size))
+    model = build_model(model_name, num_classes=10)
+    optimizer = build_optimizer(model, cfg.train, cfg.model, "cpu")
+    for group in optimizer.param_groups:  # as after a step: one momentum buffer per parameter
+        for p in group["params"]:
+            optimizer.state[p]["momentum_buffer"] = torch.randn_like(p)
+    scheduler = build_scheduler(optimizer, cfg.train, 390, 390 * cfg.train.epochs)
+    model, optimizer = strategy.prepare(model, optimizer)
+    return cfg, strategy, model, optimizer, scheduler
 
 
 def bench(model_name: str, repeat: int, root: Path) -> dict:
     run_dir = root / model_name
-    t = BenchTrainer(model_name, run_dir)
-    manager = ckpt.CheckpointManager(run_dir / "checkpoints", t)
+    cfg, s, model, optimizer, scheduler = setup(model_name)
+    state = TrainState(epoch=3, step_in_epoch=100, global_step=1270, epoch_samples=12800)
+    info = {"architecture": model_name, "num_classes": 10}
+    store = CheckpointStore(run_dir / "checkpoints", keep_last=1, log=lambda m: print(m, file=sys.stderr))
+
+    def snapshot() -> Snapshot:
+        return Snapshot(state, s.model_state_dict(model), s.optimizer_state(optimizer),
+                        scheduler.state_dict(), s.scaler_state(), cfg.to_dict(), info, 1,
+                        s.global_batch, 390 * s.global_batch)
+
+    targets = resume.Targets(unwrap(model), optimizer, scheduler, s, cfg, None, 390 * s.global_batch)
     save_s, verify_s, load_s = [], [], []
-    for i in range(repeat):
-        t.state.global_step += 1
+    for _ in range(repeat):
+        state.global_step += 1
         t0 = time.perf_counter()
-        manager.save(reason="bench")
+        store.save(s, lambda: rank_payload(state, None), snapshot, reason="bench")
         save_s.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        found = manager.find_resume()
+        found = store.newest_good(lambda meta, path: None)
         verify_s.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        state = manager.load(found)
+        loaded, _ = resume.restore(found, targets, store.log)
         load_s.append(time.perf_counter() - t0)
-        assert state.global_step == t.state.global_step
-    d = ckpt.list_checkpoints(run_dir / "checkpoints")[-1]
+        assert loaded.global_step == state.global_step
+    d = fmt.list_checkpoints(run_dir / "checkpoints")[-1]
     files = {p.name: p.stat().st_size for p in sorted(d.iterdir())}
     shutil.rmtree(run_dir, ignore_errors=True)
-    return {"model": model_name, "parameters": t.params, "repeat": repeat,
+    params = sum(p.numel() for p in unwrap(model).parameters())
+    return {"model": model_name, "parameters": params, "repeat": repeat,
             "save_s": statistics.median(save_s), "verify_s": statistics.median(verify_s),
             "load_s": statistics.median(load_s), "size_mb": sum(files.values()) / 2**20,
             "files_mb": {k: round(v / 2**20, 3) for k, v in files.items()}}

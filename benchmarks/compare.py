@@ -92,7 +92,7 @@ class BareStep:
     name = "bare PyTorch loop"
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, mean, std, cfg, steps: int):
-        from distrain.engine import seed_everything
+        from distrain.seeding import seed_everything
         from distrain.models import build_model
         from distrain.optim import build_optimizer
 
@@ -109,7 +109,7 @@ class BareStep:
 
     def sync_from(self, trainer) -> None:
         """Take distrain's weights and optimizer state (both loops are at the same batch of the same epoch)."""
-        from distrain.engine import unwrap
+        from distrain.distributed import unwrap
 
         self.model.load_state_dict(unwrap(trainer.model).state_dict())
         self.opt.load_state_dict(trainer.optimizer.optimizer.state_dict())

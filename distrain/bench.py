@@ -90,14 +90,14 @@ def _sync(device: torch.device) -> None:
 
 
 def _timed(trainer, fn):
-    """Run ``fn`` between barriers with the device synchronised; (its result, seconds on this process)."""
-    acc = trainer.accelerator
-    _sync(trainer.device)
-    acc.wait_for_everyone()
+    """Run ``fn`` between barriers with the device synchronised; (its result, seconds here)."""
+    s = trainer.strategy
+    _sync(s.device)
+    s.barrier()
     t0 = time.perf_counter()
     out = fn()
-    _sync(trainer.device)
-    acc.wait_for_everyone()
+    _sync(s.device)
+    s.barrier()
     return out, time.perf_counter() - t0
 
 
@@ -117,8 +117,9 @@ class _DataRunner:
             if self.left == 0:
                 plan = self.trainer.plan(self.epoch)
                 self.epoch += 1
-                self.trainer.train_data.set_epoch(plan)
-                self.it, self.left, self.plan, self.m = iter(self.trainer.train_data), plan.num_micro_batches, plan, 0
+                pipe = self.trainer.parts.train_data
+                pipe.set_epoch(plan)
+                self.it, self.left, self.plan, self.m = iter(pipe), plan.num_micro_batches, plan, 0
             self.last = next(self.it)
             g = self.plan.global_micro_batch
             images += min(self.plan.n, (self.m + 1) * g) - self.m * g
@@ -128,38 +129,40 @@ class _DataRunner:
 
 
 def run_train_steps(trainer, steps: int) -> int:
-    """``steps`` optimizer steps through `Trainer.train_one_epoch`, across epochs; global images used."""
+    """``steps`` optimizer steps through the real loop (`Trainer.train_one_epoch`, with its polls,
+    logging and epoch ends), across epochs; global images used."""
     st = trainer.state
-    target = st.global_step + steps
-    trainer.cfg.train.max_steps = target
+    trainer.step_limit = st.global_step + steps
     images = 0
-    while st.global_step < target:
+    while st.global_step < trainer.step_limit:
         plan = trainer.plan(st.epoch)
         before = st.step_in_epoch
         trainer.train_one_epoch(st.epoch)
         images += sum(plan.step_samples(s) for s in range(before, st.step_in_epoch))
         if st.step_in_epoch >= plan.num_steps:
-            st.epoch, st.step_in_epoch = st.epoch + 1, 0
-            st.epoch_loss_sum, st.epoch_correct, st.epoch_samples = 0.0, 0, 0
+            st.next_epoch()
     return images
 
 
 def build_trainer(cfg: Config):
-    """A Trainer with data, model, optimizer and pipelines, and no output of any kind."""
+    """A Trainer built exactly as `distrain train` builds it, whose outputs go nowhere."""
+    from pathlib import Path
+
+    from distrain.build import build
     from distrain.data import cache
-    from distrain.engine import Trainer
+    from distrain.distributed import Strategy, resolve_runtime
     from distrain.metrics import MetricsLogger
     from distrain.progress import Progress
+    from distrain.rundir import RunDir
+    from distrain.train import dist_options
+    from distrain.trainer import Trainer
 
-    cfg.checkpoint.every_steps = None
-    cfg.log.trace_samples = False
-    trainer = Trainer(cfg)
-    trainer.progress = Progress(enabled=False, mode="none")
+    strategy = Strategy(resolve_runtime(cfg.train.device, cfg.train.mixed_precision), dist_options(cfg))
     with cache.read_only():
-        trainer.build()
-    trainer.metrics = MetricsLogger(trainer.run_dir, enabled=False, tensorboard=False)
-    trainer.signals = None
-    return trainer
+        parts = build(cfg, strategy)
+    metrics = MetricsLogger(Path(cfg.output_dir), enabled=False, tensorboard=False)
+    run = RunDir(Path(cfg.output_dir), None, metrics, {}, record_traces=False)
+    return Trainer(cfg, strategy, parts, run, Progress(enabled=False, mode="none"))
 
 
 def bench(cfg: Config, steps: int = 30, warmup: int = 5, data_repeats: int = 3) -> Optional[dict]:
@@ -181,14 +184,20 @@ def bench(cfg: Config, steps: int = 30, warmup: int = 5, data_repeats: int = 3) 
         data_rates.append(images / max(seconds, 1e-9))
     data.last = None  # the last batch: free it before training
 
-    # The full training step, through the real loop.
+    # The full training step, through the real loop, after what train runs before it.
+    trainer.sanity_eval()
     run_train_steps(trainer, warmup)
+    first = trainer.state.global_step + 1
     images, seconds = _timed(trainer, lambda: run_train_steps(trainer, steps))
     train_rate = images / max(seconds, 1e-9)
+    timed = (f"optimizer steps {first}-{trainer.state.global_step} (epoch {trainer.state.epoch + 1}), "
+             f"after the sanity evaluation and {warmup} warm-up steps, with every per-step check "
+             f"train makes")
+    trainer.strategy.close()
 
-    if not trainer.is_main:
+    if not trainer.strategy.is_main:
         return None
-    dev = trainer.device
+    dev = trainer.strategy.device
     device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else (_cpu_name() or platform.machine())
     fwd = forward_flops_per_image(cfg)
     achieved = fwd * 3 * train_rate / 1e12 if fwd else None
@@ -196,16 +205,16 @@ def bench(cfg: Config, steps: int = 30, warmup: int = 5, data_repeats: int = 3) 
     return {
         "model": cfg.model.name,
         "data": cfg.data.name,
-        "train_samples": len(trainer.train_split),
+        "train_samples": len(trainer.parts.train_split),
         "device": dev.type,
         "device_name": device_name,
-        "precision": trainer.rt.precision,
-        "world_size": trainer.world,
+        "precision": trainer.strategy.precision,
+        "world_size": trainer.strategy.world,
         "batch_size": cfg.train.batch_size,
         "grad_accum_steps": accum,
-        "global_batch": trainer.global_batch,
-        "loader": trainer.train_data.mode,
-        "augment": bool(trainer.train_data.augment),
+        "global_batch": trainer.strategy.global_batch,
+        "loader": trainer.parts.train_data.mode,
+        "augment": bool(trainer.parts.train_data.augment),
         "channels_last": cfg.model.channels_last,
         "compile": cfg.model.compile,
         "warmup_steps": warmup,
@@ -217,7 +226,8 @@ def bench(cfg: Config, steps: int = 30, warmup: int = 5, data_repeats: int = 3) 
         "train_flops_per_image": fwd * 3 if fwd else None,
         "achieved_tflops": achieved,
         "peak_bf16_tflops": peak,
-        "mfu": achieved / (peak * trainer.world) if achieved and peak else None,
+        "mfu": achieved / (peak * trainer.strategy.world) if achieved and peak else None,
+        "timed": timed,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
     }

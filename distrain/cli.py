@@ -70,28 +70,44 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def json_line(obj) -> str:
+    """Strict JSON (never a bare NaN or Infinity, which JSON parsers reject): non-finite -> null."""
+    import math
+
+    def clean(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+
+    return json.dumps(clean(obj), allow_nan=False)
+
+
 def cmd_train(args) -> int:
     from distrain.config import load_config
 
     cfg = load_config(args.config, args.overrides)  # validated before any process group or file work
     from distrain import signals
-    from distrain.engine import train
+    from distrain.train import run_training
 
     stop = signals.StopSignals().install()
     try:
-        return train(cfg, signals=stop)
+        return run_training(cfg, signals=stop)
     finally:
         stop.uninstall()
 
 
 def cmd_eval(args) -> int:
-    from distrain.engine import run_eval
+    from distrain.evaluate import run_eval
 
     result = run_eval(args.checkpoint, args.overrides, confusion_dir=args.confusion)
     if result is None:  # not the main process
         return 0
     if args.json:
-        print(json.dumps({k: v for k, v in result.items() if k != "confusion"}))
+        print(json_line({k: v for k, v in result.items() if k != "confusion"}))
     else:
         print(f"accuracy {result['accuracy']:.4f}  loss {result['loss']:.4f}  on {result['samples']} images "
               f"({result['dataset']})", file=sys.stderr)
@@ -110,7 +126,7 @@ def cmd_predict(args) -> int:
         raise UserError("--batch-size must be >= 1")
     results = predict(args.checkpoint, args.images, topk=args.topk, batch_size=args.batch_size)
     if args.json:
-        print(json.dumps({"predictions": results}))
+        print(json_line({"predictions": results}))
     else:
         for r in results:
             tops = ", ".join(f"{c['class']} {c['probability']:.3f}" for c in r["topk"])
@@ -160,7 +176,7 @@ def _report_to_launcher(msg: str) -> None:
                                                                      "timestamp": str(int(time.time()))}}}, f)
         except OSError:
             pass
-    from distrain.engine import wait_for_ranks_to_report
+    from distrain.distributed import wait_for_ranks_to_report
 
     wait_for_ranks_to_report()
     _exit_2()

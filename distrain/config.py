@@ -78,6 +78,8 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = field(default=0, metadata=_range(lo=0))
     eval_every_epochs: int = field(default=1, metadata=_range(lo=1))
+    # Evaluation batches run before the first training step, so a broken eval path fails in seconds.
+    sanity_eval_batches: int = field(default=2, metadata=_range(lo=0))
     # Allow resuming with a different global batch (batch_size x world size x grad_accum_steps).
     allow_batch_change: bool = False
     # DDP gradient all-reduce in bf16/fp16 (half the bytes on the wire; VGG16 has 138M gradients), or none.

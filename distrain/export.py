@@ -7,8 +7,6 @@ an exported file, on the CPU whatever device wrote it. Nothing here unpickles an
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -16,45 +14,14 @@ from typing import Optional
 from torch import nn
 
 from distrain import __version__
+from distrain import ckpt_format as fmt
 from distrain.errors import UserError
+from distrain.fsio import atomic_write_bytes
 from distrain.models import build_model
+from distrain.state_dicts import clean_state_dict
 
 MODEL_FILE = "model.safetensors"
 MODEL_JSON = "model.json"
-
-
-def clean_state_dict(sd: dict) -> dict:
-    """Strip wrapper prefixes (DDP's `module.`, torch.compile's `_orig_mod.`) and detach to contiguous CPU."""
-    out = {}
-    for k, v in sd.items():
-        while True:
-            if k.startswith("module."):
-                k = k[len("module."):]
-            elif k.startswith("_orig_mod."):
-                k = k[len("_orig_mod."):]
-            else:
-                break
-        k = k.replace("._orig_mod.", ".")
-        out[k] = v.detach().to("cpu").contiguous()
-    return out
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same directory, fsync, rename: readers see old or new, never half."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 def model_info(cfg, classes: list[str], mean, std) -> dict:
@@ -141,9 +108,7 @@ def load_model(path: str) -> LoadedModel:
     # directory holds a model.safetensors too, but no model.json (its description is in state.json).
     if (p / MODEL_FILE).is_file() and ((p / MODEL_JSON).is_file() or not (p / "state.json").is_file()):
         return load_model(str(p / MODEL_FILE))
-    from distrain import checkpoint as ckpt
-
-    loaded = ckpt.load_for_inference(p)
+    loaded = load_for_inference(p)
     if loaded is None:
         raise UserError(f"'{path}' holds neither {MODEL_FILE} nor a distrain checkpoint")
     return loaded
@@ -156,3 +121,15 @@ def _read_yaml(path: Path) -> Optional[dict]:
         return yaml.safe_load(Path(path).read_text())
     except (OSError, yaml.YAMLError):
         return None
+
+
+def load_for_inference(path: Path) -> Optional[LoadedModel]:
+    """A model from a checkpoint directory or a run directory's newest checkpoint (only its model
+    file is verified: the optimizer is not needed here); None if there is none."""
+    d = fmt.resolve_checkpoint_dir(path)
+    if d is None:
+        return None
+    meta = fmt.verify(d, names=["model.safetensors"])
+    info = meta["model_info"]
+    model = build_from_state(info, fmt.read_tensors(d / "model.safetensors"), d / "model.safetensors")
+    return LoadedModel(model, info, d, meta["config"])

@@ -130,6 +130,9 @@ class MetricsLogger:
         for k, v in mets.items():
             self.tb.add_scalar(k, v, step)
 
+    def artifact(self, path: Path) -> None:
+        """A file the run produced (the exported model), for trackers that store files."""
+
     def flush(self) -> None:
         if self.tb is not None:
             self.tb.flush()

@@ -102,7 +102,7 @@ def read_state_dict(path: Path, key: str, url: str = "") -> dict:
         sd = sd["state_dict"]  # a common wrapper: {"state_dict": ..., "epoch": ...}
     if not isinstance(sd, dict) or not sd or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
         raise UserError(f"config key '{key}': weights file '{path}' does not hold a state_dict (a mapping of names to tensors)")
-    from distrain.export import clean_state_dict
+    from distrain.state_dicts import clean_state_dict
 
     return clean_state_dict(sd)  # also strips DDP's `module.` and torch.compile's `_orig_mod.` prefixes
 

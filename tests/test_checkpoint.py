@@ -26,7 +26,11 @@ import pytest
 import torch
 
 from conftest import REPO, distrain_cmd, load_weights, max_abs_diff, read_jsonl, run_distrain, smoke_args, subprocess_env
-from distrain import checkpoint as ckpt
+from distrain import checkpoint as store_mod
+from distrain import ckpt_format as ckpt
+from distrain.checkpoint import CheckpointStore
+from distrain.export import load_for_inference
+from distrain.resume import ResumeCheck, RunShape, find_resume
 from distrain.config import Config
 from distrain.errors import UserError
 
@@ -123,8 +127,8 @@ def test_encode_decode_round_trips_optimizer_scheduler_and_rng() -> None:
         struct = ckpt.encode({"opt": opt.state_dict(), "sched": sched.state_dict()}, tensors, "x")
         # What is stored: JSON text and a safetensors blob, nothing else.
         text = json.dumps(struct)
-        blob = ckpt._tensor_bytes(tensors)
-        back = ckpt.decode(json.loads(text), ckpt._parse_tensors(blob, Path("x")))
+        blob = ckpt.tensor_bytes(tensors)
+        back = ckpt.decode(json.loads(text), ckpt.parse_tensors(blob, Path("x")))
         ref = opt.state_dict()
         assert back["opt"]["param_groups"] == ref["param_groups"]
         assert back["opt"]["state"].keys() == ref["state"].keys()
@@ -137,7 +141,7 @@ def test_encode_decode_round_trips_optimizer_scheduler_and_rng() -> None:
     random.seed(1), np.random.seed(2), torch.manual_seed(3)
     state, tensors = ckpt.rng_state()
     state = json.loads(json.dumps(state))
-    tensors = ckpt._parse_tensors(ckpt._tensor_bytes(tensors), Path("x"))
+    tensors = ckpt.parse_tensors(ckpt.tensor_bytes(tensors), Path("x"))
     first = (random.random(), np.random.rand(3).tolist(), torch.rand(3).tolist(), np.random.randn())
     random.seed(9), np.random.seed(9), torch.manual_seed(9)
     ckpt.set_rng_state(state, tensors)
@@ -196,19 +200,33 @@ def test_checkpoint_contents(trained: Path) -> None:
 # Damage: truncated or corrupted files are found, named, skipped (auto) or refused (explicit path)
 
 
-def _stub(cfg: Config, world: int = 1) -> SimpleNamespace:
-    logs: list[str] = []
-    return SimpleNamespace(cfg=cfg, world=world, global_batch=cfg.train.batch_size * world * cfg.train.grad_accum_steps,
-                           log=logs.append, logs=logs)
+class _Finder:
+    """The resume search of a run directory, as training does it, with its warnings collected."""
+
+    def __init__(self, run: Path, cfg: Config, world: int = 1):
+        self.cfg, self.logs = cfg, []
+        c = cfg.checkpoint
+        self.store = CheckpointStore(run / "checkpoints", c.keep_last, c.keep_best, log=self.logs.append)
+        gb = cfg.train.batch_size * world * cfg.train.grad_accum_steps
+        self.check = ResumeCheck(RunShape(cfg, world, gb), self.logs.append)
+
+    def find_resume(self):
+        return find_resume(self.cfg.resume, self.store.dir, self.store.newest_good, self.check)
+
+    def clean_temporaries(self) -> None:
+        self.store.clean_temporaries()
+
+    def _retain(self) -> None:
+        self.store._retain()
 
 
-def _manager(run: Path, resume: str = "auto", **cfg_over) -> ckpt.CheckpointManager:
+def _manager(run: Path, resume: str = "auto", **cfg_over) -> _Finder:
     cfg = Config()
     cfg.resume, cfg.model.name, cfg.train.batch_size = resume, "cifar10_quick", 32
     for k, v in cfg_over.items():
         section, key = k.split(".")
         setattr(getattr(cfg, section), key, v)
-    return ckpt.CheckpointManager(run / "checkpoints", _stub(cfg))
+    return _Finder(run, cfg)
 
 
 def _truncate(f: Path) -> None:
@@ -248,7 +266,7 @@ def test_damaged_file_is_skipped_by_auto_and_refused_by_path(tmp_path, trained, 
     # auto: warn naming the file, take the previous one.
     m = _manager(run)
     assert m.find_resume() == prev
-    assert len(m.t.logs) == 1 and str(newest) in m.t.logs[0] and name in m.t.logs[0], m.t.logs
+    assert len(m.logs) == 1 and str(newest) in m.logs[0] and name in m.logs[0], m.logs
     # an explicit path: a user error naming the file.
     with pytest.raises(UserError) as e:
         _manager(run, resume=str(newest)).find_resume()
@@ -256,7 +274,7 @@ def test_damaged_file_is_skipped_by_auto_and_refused_by_path(tmp_path, trained, 
     # eval of that checkpoint directory: the model file or state.json is what eval reads.
     if name in ("model.safetensors", "state.json"):
         with pytest.raises(UserError, match=name):
-            ckpt.load_for_inference(newest)
+            load_for_inference(newest)
 
 
 def test_all_damaged_means_fresh_start_with_warnings(tmp_path, trained) -> None:
@@ -265,7 +283,7 @@ def test_all_damaged_means_fresh_start_with_warnings(tmp_path, trained) -> None:
         _truncate(d / "model.safetensors")
     m = _manager(run)
     assert m.find_resume() is None
-    assert len(m.t.logs) == len(checkpoints(run)) >= 2
+    assert len(m.logs) == len(checkpoints(run)) >= 2
 
 
 @pytest.mark.parametrize("name", ["optimizer.safetensors", "state.json"])
@@ -300,8 +318,8 @@ def _rewrite_consistently(d: Path, name: str, data: bytes) -> None:
     (d / name).write_bytes(data)
     meta = json.loads((d / "state.json").read_text())
     meta["sizes"][name] = len(data)
-    meta["sha256"][name] = ckpt._sha256(data)
-    meta["digest"] = ckpt._meta_digest(meta)
+    meta["sha256"][name] = ckpt.sha256(data)
+    meta["digest"] = ckpt.meta_digest(meta)
     (d / "state.json").write_text(json.dumps(meta))
 
 
@@ -317,7 +335,7 @@ def test_pickle_payloads_never_run(tmp_path, trained) -> None:
     # Planted next to the real files: never opened. A safetensors header whose metadata carries a pickle: data.
     shutil.copy(torch_zip, a_new / "optimizer.pt")
     (a_new / "extra.pkl").write_bytes(evil)
-    rank_tensors = ckpt._parse_tensors((a_new / "rank-00000.safetensors").read_bytes(), a_new)
+    rank_tensors = ckpt.parse_tensors((a_new / "rank-00000.safetensors").read_bytes(), a_new)
     _rewrite_consistently(a_new, "rank-00000.safetensors", save(rank_tensors, metadata={"pickle": evil.hex()}))
     # Consistent-looking checkpoints (sizes and checksums fixed up) whose files are pickles.
     _rewrite_consistently(a_prev, "optimizer.safetensors", torch_zip.read_bytes())
@@ -327,14 +345,14 @@ def test_pickle_payloads_never_run(tmp_path, trained) -> None:
     _rewrite_consistently(b_prev, "rank-00000.json", evil)
 
     assert _manager(a).find_resume() == a_new
-    ckpt.load_for_inference(a_new)
+    load_for_inference(a_new)
     user_error(args(tmp_path / "r1", resume=a_prev), str(a_prev / "optimizer.safetensors"), "damaged")
     err = ok(args(a, **{"train.epochs": 3}))  # resumes from a_new and trains a third epoch
     assert f"resumed from {a_new}" in err
     m = _manager(b)
     older = checkpoints(b)[:-2]
     assert m.find_resume() == (older[-1] if older else None)
-    assert "state.json" in m.t.logs[0] and "rank-00000.json" in m.t.logs[1]
+    assert "state.json" in m.logs[0] and "rank-00000.json" in m.logs[1]
     user_error(args(tmp_path / "r2", resume=b_new), str(b_new / "state.json"), "damaged")
     user_error(args(tmp_path / "r3", resume=b_prev), str(b_prev / "rank-00000.json"), "damaged")
     user_error(["eval", "--checkpoint", b_new], str(b_new / "state.json"))
@@ -364,11 +382,11 @@ KILLER = textwrap.dedent("""
         return count["save"] == target
     def die():
         os.kill(os.getpid(), signal.SIGKILL)
-    orig_save = c.CheckpointManager._write
+    orig_save = c.CheckpointStore._write
     def counting(self, *a, **k):
         count["save"] += 1
         return orig_save(self, *a, **k)
-    c.CheckpointManager._write = counting
+    c.CheckpointStore._write = counting
     orig_write = c._write
     def write(path, data):
         if armed() and where == "file" and path.name == "optimizer.safetensors":
@@ -384,7 +402,7 @@ KILLER = textwrap.dedent("""
     os.rename = rename
     orig_atomic = c.atomic_write_bytes
     def atomic(path, data):
-        if armed() and where == "pointer" and path.name == c.POINTER:
+        if armed() and where == "pointer" and path.name == c.fmt.POINTER:
             import tempfile
             tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # its temporary exists
             die()
@@ -429,7 +447,7 @@ def test_kill_at_each_instant_of_a_save_leaves_a_good_checkpoint(tmp_path, one_e
     assert temporaries(run) == []
     found = m.find_resume()
     assert found is not None and ckpt.read_meta(found)["train_state"]["global_step"] == step
-    assert m.t.logs == []  # nothing damaged under a valid name
+    assert m.logs == []  # nothing damaged under a valid name
     # And the run goes on from there to the end, where the uninterrupted run ended.
     err = ok(argv)
     assert f"resumed from {found}" in err
@@ -443,7 +461,7 @@ def test_kill_at_each_instant_of_a_save_leaves_a_good_checkpoint(tmp_path, one_e
 def test_failing_writer_exits_2_and_keeps_earlier_checkpoints(tmp_path, monkeypatch) -> None:
     run = tmp_path / "run"
     calls = {"n": 0}
-    real = ckpt._write
+    real = store_mod._write
 
     def flaky(path, data):
         calls["n"] += 1
@@ -451,19 +469,19 @@ def test_failing_writer_exits_2_and_keeps_earlier_checkpoints(tmp_path, monkeypa
             raise PermissionError(13, "Permission denied", str(path))
         real(path, data)
 
-    monkeypatch.setattr(ckpt, "_write", flaky)
+    monkeypatch.setattr(store_mod, "_write", flaky)
     user_error(args(run), "cannot write a checkpoint", str(run / "checkpoints"), "Permission denied", "intact")
     assert [p.name for p in checkpoints(run)] == ["ckpt-000001-step00000002"]
     ckpt.verify(checkpoints(run)[0])
     assert temporaries(run) == []
-    monkeypatch.setattr(ckpt, "_write", real)
+    monkeypatch.setattr(store_mod, "_write", real)
     err = ok(args(run, **{"train.epochs": 1}))
     assert f"resumed from {run / 'checkpoints' / 'ckpt-000001-step00000002'}" in err
 
 
 def test_failing_pointer_update_after_commit(tmp_path, monkeypatch) -> None:
     run = tmp_path / "run"
-    real = ckpt.atomic_write_bytes
+    real = store_mod.atomic_write_bytes
     calls = {"n": 0}
 
     def flaky(path, data):
@@ -473,7 +491,7 @@ def test_failing_pointer_update_after_commit(tmp_path, monkeypatch) -> None:
                 raise OSError(28, "No space left on device")
         real(path, data)
 
-    monkeypatch.setattr(ckpt, "atomic_write_bytes", flaky)
+    monkeypatch.setattr(store_mod, "atomic_write_bytes", flaky)
     user_error(args(run), "No space left on device")
     # The second checkpoint was committed before the pointer failed: both are good, the newest wins.
     names = [p.name for p in checkpoints(run)]
@@ -520,7 +538,7 @@ def test_disk_full_on_two_processes_fails_every_rank_alike(tmp_path) -> None:
         for r in (0, 1):
             lines = [l for l in proc.stderr.splitlines() if l.startswith(f"[rank {r}] distrain train: error: ")]
             assert len(lines) == 1 and "No space left on device" in lines[0], proc.stderr[-4000:]
-        assert 'distrain/engine.py", line' not in proc.stderr and 'distrain/checkpoint.py", line' not in proc.stderr
+        assert 'distrain/trainer.py", line' not in proc.stderr and 'distrain/checkpoint.py", line' not in proc.stderr
         assert [p.name for p in checkpoints(run)] == ["ckpt-000001-step00000002"]
         meta = ckpt.verify(checkpoints(run)[0])
         assert meta["world_size"] == 2
@@ -570,7 +588,7 @@ def _fake_checkpoint(d: Path, seq: int, step: int, accuracy) -> Path:
     p.mkdir(parents=True)
     meta = {"format": ckpt.FORMAT, "accuracy": accuracy, "files": [], "sizes": {}, "sha256": {}, "model_info": {},
             "world_size": 1, "global_batch": 32, "train_state": {}, "config": {}, "optimizer": {}}
-    meta["digest"] = ckpt._meta_digest(meta)
+    meta["digest"] = ckpt.meta_digest(meta)
     (p / "state.json").write_text(json.dumps(meta))
     return p
 

@@ -336,7 +336,7 @@ def test_help_in_a_subprocess() -> None:
 
 def test_bf16_on_a_gpu_without_it_and_auto_precision(monkeypatch) -> None:
     """What the engine decides before any process starts (a fake GPU: the decision logic only)."""
-    from distrain.engine import resolve_runtime
+    from distrain.distributed import resolve_runtime
     from distrain.errors import UserError
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
