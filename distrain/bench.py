@@ -1,15 +1,17 @@
 """`distrain bench`: images/s of the input pipeline alone and of the full training step. Writes nothing.
 
-The Trainer is built exactly as `distrain train` builds it (`Trainer.build`: data, model, optimizer,
-schedule, input pipelines, Accelerate/DDP, precision, channels_last, compile) but without the run
-directory, checkpoints, metrics or TensorBoard, and the training step is timed through the real loop
-(`Trainer.train_one_epoch`), so the number is what a run of that config gets.
+The components are built exactly as `distrain train` builds them (`build.build`: data, model,
+optimizer, schedule, input pipelines, Accelerate/DDP, precision, channels_last, compile), the Trainer
+gets outputs that go nowhere (no run directory, checkpoints, metrics or TensorBoard), and the step is
+timed through the real loop (`Trainer.train_one_epoch`, with the per-step polls, logging points and
+epoch ends train has), after the sanity evaluation train runs first. The config is never changed.
 
 - ``data_img_per_s``: micro-batches of the training plan through the input pipeline (gather or
   DataLoader, augmentation, normalisation, on the device) with nothing consuming them; median of
   three windows of ``max(steps x grad_accum_steps, 64)`` micro-batches after a warm-up.
 - ``train_img_per_s``: ``steps`` optimizer steps after ``warmup`` steps (compilation, cuDNN autotuning,
-  DataLoader workers and the allocator settle in the warm-up), input pipeline included.
+  DataLoader workers and the allocator settle in the warm-up), input pipeline included; ``timed``
+  says which steps of which epoch were timed.
 
 Both are global (images over all ranks per second of the main process, timed between barriers, the
 device synchronised), so under ``accelerate launch`` they are the job's throughput. With a known GPU
@@ -165,6 +167,20 @@ def build_trainer(cfg: Config):
     return Trainer(cfg, strategy, parts, run, Progress(enabled=False, mode="none"))
 
 
+def _pipeline_rates(trainer, steps: int, warmup: int, repeats: int) -> list[float]:
+    """Images/s of the training input pipeline alone, in ``repeats`` windows after a warm-up."""
+    accum = trainer.cfg.train.grad_accum_steps
+    data = _DataRunner(trainer)
+    data.run(max(2, warmup * accum))
+    window = max(steps * accum, 64)  # the pipeline alone is fast: long enough windows to time
+    rates = []
+    for _ in range(repeats):
+        images, seconds = _timed(trainer, lambda: data.run(window))
+        rates.append(images / max(seconds, 1e-9))
+    data.last = None  # the last batch: free it before training
+    return rates
+
+
 def bench(cfg: Config, steps: int = 30, warmup: int = 5, data_repeats: int = 3) -> Optional[dict]:
     """Measure; the result dict on the main process, None on the others."""
     if steps < 1:
@@ -172,19 +188,8 @@ def bench(cfg: Config, steps: int = 30, warmup: int = 5, data_repeats: int = 3) 
     if warmup < 0:
         raise UserError("--warmup must be >= 0")
     trainer = build_trainer(cfg)
-    accum = cfg.train.grad_accum_steps
+    data_rates = _pipeline_rates(trainer, steps, warmup, data_repeats)
 
-    # The input pipeline alone.
-    data = _DataRunner(trainer)
-    data.run(max(2, warmup * accum))
-    window = max(steps * accum, 64)  # the pipeline alone is fast: long enough windows to time
-    data_rates = []
-    for _ in range(data_repeats):
-        images, seconds = _timed(trainer, lambda: data.run(window))
-        data_rates.append(images / max(seconds, 1e-9))
-    data.last = None  # the last batch: free it before training
-
-    # The full training step, through the real loop, after what train runs before it.
     trainer.sanity_eval()
     run_train_steps(trainer, warmup)
     first = trainer.state.global_step + 1
@@ -211,7 +216,7 @@ def bench(cfg: Config, steps: int = 30, warmup: int = 5, data_repeats: int = 3) 
         "precision": trainer.strategy.precision,
         "world_size": trainer.strategy.world,
         "batch_size": cfg.train.batch_size,
-        "grad_accum_steps": accum,
+        "grad_accum_steps": cfg.train.grad_accum_steps,
         "global_batch": trainer.strategy.global_batch,
         "loader": trainer.parts.train_data.mode,
         "augment": bool(trainer.parts.train_data.augment),

@@ -50,7 +50,7 @@ def run_training(cfg: Config, signals=None) -> int:
         resume_from_checkpoint(trainer)
         strategy.agree("write config.yaml", lambda: dump_config(cfg, path / "config.yaml"),
                        main_only=True)
-        trainer.banner()
+        trainer.report.start(trainer)
         code = trainer.fit()
         strategy.close()  # every rank is here: after the export, or the stop and its barrier
         return code

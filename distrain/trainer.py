@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from distrain import summary, trace
+from distrain import trace
 from distrain.build import Components
 from distrain.checkpoint import NonFiniteWeights, Snapshot, rank_payload
 from distrain.config import Config
@@ -33,6 +33,7 @@ from distrain.models import backbone_and_head, count_parameters
 from distrain.signals import EXIT_STOPPED, requeue_slurm_job, slurm_job_ref
 from distrain.state import TrainState
 from distrain.step_checks import StepChecks
+from distrain.step_log import StepLog
 
 
 class Diverged(UserError):
@@ -77,9 +78,7 @@ class Trainer:
         self.unfrozen = False
         self.last_eval: Optional[EvalResult] = None
         self.num_params = count_parameters(unwrap(self.model))
-        self._peak_mem = 0
-        # Since the last log line: this rank's loss sum and images, and the step images of all ranks.
-        self._interval = [0.0, 0.0, 0.0]
+        self.report = StepLog(cfg, strategy, self.metrics, progress, parts.scheduler)
 
     def log(self, msg: str) -> None:
         self.progress.write(msg)
@@ -115,7 +114,7 @@ class Trainer:
             st.finished = last
             self.save("final" if last else "epoch", result.accuracy if result else None)
         self.export()
-        self.finish(time.time() - t_start)
+        self.report.end(self, time.time() - t_start)
         return 0
 
     def train_one_epoch(self, epoch: int) -> bool:
@@ -134,7 +133,7 @@ class Trainer:
         self.progress.start_epoch(epoch, plan.num_steps, st.step_in_epoch, epochs=self.cfg.train.epochs,
                                   global_step=st.global_step, run_total_steps=self.parts.total_steps)
         self.checks.reset_clock()
-        self._t_log = time.perf_counter()
+        self.report.start_epoch()
         stop = False
         for step in range(st.step_in_epoch, plan.num_steps):
             micro = plan.micro_batches_of_step(step)
@@ -147,8 +146,7 @@ class Trainer:
             if self.strategy.optimizer_step(self.model):
                 self.parts.scheduler.step()
             st.step_in_epoch, st.global_step = step + 1, st.global_step + 1
-            self._interval[2] += plan.step_samples(step)  # images of the step, all ranks
-            self.progress.tick(st.step_in_epoch, st.global_step)
+            self.report.step_done(st, plan.step_samples(step))
             stop = self._after_step(plan, sums, traced, first_step)
             if stop or self.reached_max_steps():
                 break
@@ -157,7 +155,7 @@ class Trainer:
         if stop:
             return True
         self.progress.end_epoch()
-        self.log_epoch(epoch)
+        self.report.epoch(epoch, st)
         return False
 
     def _next_batch(self, batches):
@@ -198,15 +196,13 @@ class Trainer:
         if not self.checks.step_done(forced=log_now or ckpt_now or epoch_end):
             return False
         loss, n = sums.fold_into(st)
-        self._interval[0] += loss
-        self._interval[1] += n
-        verdict = self.checks.poll(loss, self._interval[:2])
+        verdict = self.checks.poll(loss, self.report.fold(loss, n))
         if verdict.data_error:
             self.checks.raise_data_error()
         if verdict.diverged:
             self.diverged()
         if log_now:
-            self.log_step(*verdict.sums)
+            self.report.line(st, *verdict.sums)
         if ckpt_now:
             if traced is not None:  # what the checkpoint covers; trimmed to the resume point on resume
                 trace.write(self.run.path, trace.train_name(st.epoch, first_step, self.strategy.rank),
@@ -223,52 +219,6 @@ class Trainer:
         raise Diverged(f"training diverged: the loss is not finite at step {st.global_step} (epoch "
                        f"{st.epoch + 1}); lower config key 'train.lr' (now {self.cfg.train.lr:g}), or "
                        f"set train.warmup_steps or train.grad_clip{where}")
-
-    # -- logging --------------------------------------------------------------------------------
-    def log_step(self, loss_sum: float, samples: float) -> None:
-        """One progress line / TensorBoard point for the interval since the last one (the sums are
-        over all ranks)."""
-        now = time.perf_counter()
-        img_per_s = self._interval[2] / max(now - self._t_log, 1e-9)
-        loss = loss_sum / samples if samples else float("nan")
-        self._t_log, self._interval = now, [0.0, 0.0, 0.0]
-        lr = self.parts.scheduler.get_last_lr()[0]
-        st = self.state
-        self.progress.update(st.step_in_epoch, loss=loss, img_per_s=img_per_s, lr=lr,
-                             global_step=st.global_step)
-        self.metrics.scalars(st.global_step, **{"train/loss": loss, "train/lr": lr,
-                                                "train/images_per_s": img_per_s})
-        self._note_peak_memory()  # before gpu_memory() resets CUDA's peak counter
-        self.metrics.gpu_memory(st.global_step, self.strategy.device)
-
-    def log_epoch(self, epoch: int) -> None:
-        st = self.state
-        loss_sum, correct, n = self.strategy.sum([st.epoch_loss_sum, float(st.epoch_correct),
-                                                  float(st.epoch_samples)])
-        rec = {"epoch": epoch, "step": st.global_step, "loss": loss_sum / max(n, 1),
-               "accuracy": correct / max(n, 1), "samples": int(n),
-               "lr": self.parts.scheduler.get_last_lr()[0]}
-        if self.strategy.device.type == "cuda":  # the epoch's peak GPU memory: largest and each device
-            per_device = self._epoch_peak_memory_gib()
-            rec["peak_mem_gib"], rec["peak_mem_gib_per_device"] = max(per_device), per_device
-        self.metrics.log("train", **rec)
-        self.metrics.scalars(st.global_step, **{"train/epoch_loss": rec["loss"],
-                                                "train/epoch_accuracy": rec["accuracy"]})
-        self.log(f"epoch {epoch + 1}/{self.cfg.train.epochs} train: loss {rec['loss']:.4f} "
-                 f"accuracy {rec['accuracy']:.4f} ({int(n)} images)")
-
-    def _note_peak_memory(self) -> None:
-        if self.strategy.device.type == "cuda":
-            self._peak_mem = max(self._peak_mem, torch.cuda.max_memory_allocated(self.strategy.device))
-
-    def _epoch_peak_memory_gib(self) -> list[float]:
-        """This epoch's peak torch.cuda.max_memory_allocated of every rank, in GiB (collective)."""
-        self._note_peak_memory()
-        dev = self.strategy.device
-        t = torch.tensor([self._peak_mem / 2**30], dtype=torch.float64, device=dev)
-        self._peak_mem = 0
-        torch.cuda.reset_peak_memory_stats(dev)
-        return [round(v, 3) for v in self.strategy.gather(t).tolist()]
 
     # -- evaluation -----------------------------------------------------------------------------
     def sanity_eval(self) -> None:
@@ -294,12 +244,7 @@ class Trainer:
             trace.write(self.run.path, trace.eval_name(epoch, self.strategy.rank), traced)
         model.train(was_training)
         st = self.state
-        self.metrics.log("eval", epoch=epoch, step=st.global_step, loss=res.loss,
-                         accuracy=res.accuracy, samples=res.samples)
-        self.metrics.scalars(st.global_step, **{"eval/loss": res.loss, "eval/accuracy": res.accuracy})
-        self.metrics.confusion(st.global_step, res.confusion, self.parts.test_split.classes)
-        self.log(f"epoch {epoch + 1}/{self.cfg.train.epochs} eval:  loss {res.loss:.4f} accuracy "
-                 f"{res.accuracy:.4f} ({res.samples} images)")
+        self.report.evaluation(epoch, st, res, self.parts.test_split.classes)
         if st.best_accuracy is None or res.accuracy > st.best_accuracy:
             st.best_accuracy, st.best_step = res.accuracy, st.global_step
         self.last_eval = res
@@ -389,25 +334,3 @@ class Trainer:
             except Exception as e:  # noqa: BLE001 - the checkpoint is safe; say why the requeue failed
                 self.log(f"warning: could not requeue the SLURM job: {e}")
         return EXIT_STOPPED
-
-    def banner(self) -> None:
-        lines = summary.banner_lines(self)
-        self.log("\n".join(lines))
-        self.metrics.text("run", "\n".join("    " + line for line in lines), self.state.global_step)
-        self.metrics.config(self.cfg, self.state.global_step)
-        s, p = self.strategy, self.parts
-        self.metrics.log("start", world_size=s.world, device=s.rt.device, precision=s.precision,
-                         global_batch=s.global_batch, train_samples=len(p.train_split),
-                         test_samples=len(p.test_split), parameters=self.num_params[0],
-                         resumed_step=self.state.global_step)
-
-    def finish(self, seconds: float) -> None:
-        st, last = self.state, self.last_eval
-        self.log("\n".join(summary.summary_lines(self, seconds)))
-        final = {"hparam/final_accuracy": last.accuracy if last else None,
-                 "hparam/final_loss": last.loss if last else None,
-                 "hparam/best_accuracy": st.best_accuracy}
-        self.metrics.hparams(summary.hparams(self), final, step=st.global_step)
-        self.metrics.log("end", step=st.global_step, seconds=round(seconds, 3),
-                         final_accuracy=last.accuracy if last else None,
-                         best_accuracy=st.best_accuracy)
