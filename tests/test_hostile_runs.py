@@ -15,6 +15,7 @@ import pytest
 
 from conftest import distrain_cmd, metrics_events, run_distrain, smoke_args, subprocess_env
 from fakes import write_image_folder
+from test_errors import assert_user_error_on_every_rank
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -30,8 +31,9 @@ def _one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
 
 
 def _slow_run_args(out: Path, **over) -> list[str]:
+    # A small lr: CIFAR10-quick (no activations) diverges at batch 8 with the default one.
     base = {"data.max_train_samples": 2048, "train.epochs": 50, "train.batch_size": 8,
-            "checkpoint.every_steps": 20, "log.progress": "none"}
+            "checkpoint.every_steps": 20, "log.progress": "none", "train.lr": 0.001}
     base.update(over)
     return ["train", *smoke_args(out, **base)]
 
@@ -57,6 +59,7 @@ def test_a_second_run_on_a_busy_directory_exits_2_naming_it_and_a_killed_one_doe
     first = _start(_slow_run_args(out))
     try:
         _wait_for(lambda: metrics_events(out, "checkpoint"), first, "a first checkpoint")
+        assert first.poll() is None
         second = run_distrain(["train", *smoke_args(out, **{"train.seed": 7})])
         line = _one_line_error(second, "output_dir", str(out), "in use by", f"pid {first.pid}")
         assert "wait for it to finish" in line
@@ -67,7 +70,7 @@ def test_a_second_run_on_a_busy_directory_exits_2_naming_it_and_a_killed_one_doe
         first.wait()
     assert ckpts_before
     # A crash leaves no stale lock: the next run takes the directory and resumes.
-    again = run_distrain(_slow_run_args(out, **{"train.epochs": 1, "data.max_train_samples": 64}))
+    again = run_distrain(_slow_run_args(out, **{"train.epochs": 1}))
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resumed from" in again.stderr
 
@@ -89,14 +92,11 @@ def test_divergence_stops_with_exit_2_naming_train_lr_and_writes_nothing_non_fin
     assert metrics_events(out, "diverged")
 
 
-@pytest.mark.parametrize("nprocs", [2])
-def test_divergence_stops_every_rank_the_same_way(tmp_path, nprocs):
+def test_divergence_stops_every_rank_the_same_way(tmp_path):
     out = tmp_path / "run"
     proc = run_distrain(["train", *smoke_args(out, **{"train.lr": 1e6, "train.batch_size": 16})],
-                        nprocs=nprocs)
-    assert proc.returncode != 0
-    assert proc.stderr.count("error: training diverged") >= nprocs, proc.stderr[-3000:]
-    assert "Traceback (most recent call last)" not in proc.stderr.split("ChildFailedError")[0]
+                        nprocs=2)
+    assert_user_error_on_every_rank(proc, "train", "training diverged", "train.lr")
 
 
 def test_resume_none_moves_the_earlier_run_aside(tmp_path):
@@ -123,7 +123,7 @@ def test_unwritable_outputs_are_found_before_training(tmp_path, culprit):
         (out / culprit).mkdir()
     proc = run_distrain(["train", *smoke_args(out, **{"log.tensorboard": "true"})])
     _one_line_error(proc, culprit)
-    assert not metrics_events(out, "train")  # not a single epoch was trained first
+    assert not list(out.glob("checkpoints/ckpt-*"))  # not a single epoch was trained first
 
 
 def test_a_bad_image_met_mid_training_fails_every_rank_alike(tmp_path):
@@ -136,12 +136,9 @@ def test_a_bad_image_met_mid_training_fails_every_rank_alike(tmp_path):
                                          "data.max_train_samples": "null", "data.max_test_samples": "null",
                                          "train.batch_size": 4, "data.num_workers": 0})]
     proc = run_distrain(args, nprocs=2)
-    assert proc.returncode != 0
-    lines = [line for line in proc.stderr.splitlines() if "distrain train: error:" in line]
-    assert len(lines) == 2, proc.stderr[-4000:]
-    assert all(bad.name in line for line in lines), lines
+    assert_user_error_on_every_rank(proc, "train", str(bad))
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("[rank ")]
     assert len({line.split("] ", 1)[1] for line in lines}) == 1  # the same message on both ranks
-    assert "Traceback (most recent call last)" not in proc.stderr.split("ChildFailedError")[0]
 
 
 def test_a_broken_test_split_fails_before_the_first_step(tmp_path):
