@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from typing import Optional
@@ -90,8 +91,11 @@ def cmd_eval(args) -> int:
     result = run_eval(args.checkpoint, args.overrides, confusion_dir=args.confusion)
     if result is None:  # not the main process
         return 0
+    if not math.isfinite(result["loss"]):
+        raise UserError(f"the model '{result['checkpoint']}' gives non-finite outputs (loss "
+                        f"{result['loss']}): its weights overflow; pick an earlier checkpoint")
     if args.json:
-        print(json.dumps({k: v for k, v in result.items() if k != "confusion"}))
+        print(json.dumps({k: v for k, v in result.items() if k != "confusion"}, allow_nan=False))
     else:
         print(f"accuracy {result['accuracy']:.4f}  loss {result['loss']:.4f}  on {result['samples']} images "
               f"({result['dataset']})", file=sys.stderr)
@@ -110,7 +114,7 @@ def cmd_predict(args) -> int:
         raise UserError("--batch-size must be >= 1")
     results = predict(args.checkpoint, args.images, topk=args.topk, batch_size=args.batch_size)
     if args.json:
-        print(json.dumps({"predictions": results}))
+        print(json.dumps({"predictions": results}, allow_nan=False))
     else:
         for r in results:
             tops = ", ".join(f"{c['class']} {c['probability']:.3f}" for c in r["topk"])
