@@ -114,6 +114,10 @@ def predict(checkpoint: str, inputs: list[str], topk: int = 1, batch_size: int =
         chunk = paths[i : i + batch_size]
         x = _normalise(torch.stack([_load_input(p, info) for p in chunk]), info)
         probs = torch.softmax(model(x).float(), dim=1)
+        if not bool(torch.isfinite(probs).all()):  # finite weights can still overflow
+            bad = chunk[int((~torch.isfinite(probs)).any(dim=1).nonzero()[0])]
+            raise UserError(f"the model '{loaded.source}' gives non-finite outputs for '{bad}': its "
+                            f"weights overflow; pick an earlier checkpoint")
         top_p, top_i = probs.topk(k, dim=1)
         for p, ps, ids in zip(chunk, top_p.tolist(), top_i.tolist()):
             results.append({

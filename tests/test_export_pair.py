@@ -190,3 +190,22 @@ def test_non_finite_weights_are_refused(export_dir, image, capsys) -> None:
     out, err = capsys.readouterr()
     assert rc == 2 and out == "" and "non-finite weights" in err
     assert str(export_dir / MODEL_FILE) in err
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_outputs_that_overflow_are_refused_not_printed_as_nan(export_dir, image, capsys) -> None:
+    from safetensors.torch import load_file
+
+    from distrain import cli
+
+    info = json.loads((export_dir / MODEL_JSON).read_text())
+    sd = {k: v * 1e30 if v.is_floating_point() else v
+          for k, v in load_file(str(export_dir / MODEL_FILE)).items()}
+    export_model(export_dir, sd, info)  # finite weights whose products overflow float32
+    rc = cli.main(["predict", "--checkpoint", str(export_dir), "--json", str(image)])
+    out, err = capsys.readouterr()
+    assert rc == 2 and out == "" and "non-finite outputs" in err and str(image) in err
+    ev = run_distrain(["eval", "--checkpoint", str(export_dir), "--json", "data.name=synthetic",
+                       "data.max_test_samples=64"])
+    assert ev.returncode == 2 and ev.stdout == "" and "non-finite outputs" in ev.stderr, ev.stderr
