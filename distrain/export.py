@@ -261,6 +261,8 @@ def load_model(path: str) -> LoadedModel:
         if p.suffix != ".safetensors":
             raise UserError(f"checkpoint '{path}' is not a .safetensors file, a run directory or a "
                             f"checkpoint directory")
+        if not p.with_name(MODEL_JSON).is_file() and (p.parent / "state.json").is_file():
+            return load_model(str(p.parent))  # a checkpoint's weights: state.json describes them
         return _load_export(p)
     # A directory: an exported run, else a checkpoint (directory or run with checkpoints/). A
     # checkpoint directory holds a model.safetensors too, but no model.json (its state.json says)

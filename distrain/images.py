@@ -122,7 +122,7 @@ class ImageSource:
         ``target``: the size the whole image will be resized to; a large JPEG may then decode at a
         reduced scale (see the module docstring)."""
         img = self._img
-        if target is not None and img.format == "JPEG":
+        if target is not None:  # only JPEG (and MPO, cameras' JPEG) decoders act on a draft
             tw, th = (max(1, int(math.ceil(t * DRAFT_GAP))) for t in target)
             img.draft(None, (tw, th))
         w, h = img.size

@@ -133,6 +133,13 @@ def test_kill_inside_a_write_leaves_the_old_pair_and_a_temporary_that_is_cleaned
     assert got.returncode == 0 and "warning" not in got.stderr, got.stderr
 
 
+@pytest.mark.slow
+def test_a_checkpoints_own_weights_file_loads_without_a_warning(trained, capfd) -> None:
+    latest = trained / "checkpoints" / (trained / "checkpoints" / "latest").read_text().strip()
+    loaded = load_model(str(latest / MODEL_FILE))
+    assert loaded.source == latest and "warning" not in capfd.readouterr().err
+
+
 # -- what model.json says is checked -------------------------------------------------------------
 
 @pytest.fixture
