@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from typing import Optional
@@ -106,6 +107,9 @@ def cmd_eval(args) -> int:
     result = run_eval(args.checkpoint, args.overrides, confusion_dir=args.confusion)
     if result is None:  # not the main process
         return 0
+    if not math.isfinite(result["loss"]):
+        raise UserError(f"the model '{result['checkpoint']}' gives non-finite outputs (loss "
+                        f"{result['loss']}): its weights overflow; pick an earlier checkpoint")
     if args.json:
         print(json_line({k: v for k, v in result.items() if k != "confusion"}))
     else:

@@ -22,6 +22,7 @@ from distrain import ckpt_format as fmt
 from distrain.checkpoint import CheckpointStore
 from distrain.config import Config
 from distrain.errors import UserError
+from distrain.export import clean_export_temporaries
 from distrain.fsio import (TEMP_PREFIX, clean_temporaries, describe_os_error, ensure_writable_dir,
                            ensure_writable_file)
 from distrain.runlock import RunLock
@@ -57,6 +58,7 @@ def claim(cfg: Config, log: Callable[[str], None]) -> RunLock:
             _move_earlier_run_aside(path, log)
         check_outputs(path, cfg)
         CheckpointStore(path / "checkpoints").clean_temporaries()
+        clean_export_temporaries(path)  # also the names older versions used
         clean_temporaries(path, (TEMP_PREFIX,))
     except BaseException:
         lock.release()

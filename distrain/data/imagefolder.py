@@ -1,6 +1,7 @@
 """Image-folder datasets: ``<root>/train/<class>/*`` and ``<root>/val/<class>/*`` (JPEG, PNG, ...).
 
-Files of any size and mode are decoded to RGB and cropped to a square ``size``. Training
+Files of any size and mode are decoded to RGB and cropped to a square ``size`` (decoding, the eval
+geometry and its bounded memory are `distrain.images`'). Training
 augmentation (random resized crop + horizontal flip) draws its randomness from ``(seed, epoch,
 index)`` alone, so an image's crop does not depend on the worker, process or resume point.
 Images stay uint8; normalisation happens later, on the device.
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -18,9 +19,13 @@ from PIL import Image
 
 from distrain.data.sampling import derived_seed
 from distrain.errors import UserError
+from distrain.images import (EVAL_RESIZE_RATIO, center_crop, eval_resize, load_rgb, open_image,
+                             to_uint8_chw)
+
+__all__ = ["EVAL_RESIZE_RATIO", "ImageFolderDataset", "check_readable", "check_same_classes",
+           "eval_transform", "load_image_rgb", "load_item", "scan_imagefolder", "train_transform"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-EVAL_RESIZE_RATIO = 1.14  # resize the shorter side to size*1.14, then center-crop (224 -> 255)
 CROP_SCALE = (0.35, 1.0)
 CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 _AUG_TAG = 0x1F0D  # separates these seeds from other users of derived_seed(seed, epoch, ...)
@@ -37,38 +42,63 @@ def scan_imagefolder(root: str, split: str) -> tuple[list[str], np.ndarray, list
     Classes are the sorted sub-folder names; files are found recursively, sorted within each class,
     and listed class by class (as torchvision's ImageFolder does), so labels are non-decreasing.
     Files without an image extension (.jpg .jpeg .png .bmp .webp, any case) are ignored.
+
+    Symbolic links are followed, but each real directory is walked once per split: a link back to
+    a folder above it (a loop), a second link to a folder already walked, or a link into another
+    class's folder adds no files (those would be counted again, or under the wrong label). A file
+    linked twice by name counts twice: a link to a file is taken as meant.
     """
     split_dir = os.path.join(os.fspath(root), split)
     if not os.path.isdir(split_dir):
-        raise UserError(
-            f"image folder split '{split_dir}' does not exist; data.root must hold train/<class>/ and "
-            f"val/<class>/ folders of images"
-        )
-    classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
+        raise UserError(f"image folder split '{split_dir}' does not exist; data.root must hold "
+                        f"train/<class>/ and val/<class>/ folders of images")
+    classes = sorted(e.name for e in os.scandir(split_dir)
+                     if e.is_dir() and not e.name.startswith("."))
     if not classes:
-        raise UserError(f"image folder split '{split_dir}' has no class folders; put each class's images in "
-                        f"'{split_dir}/<class name>/'")
+        raise UserError(f"image folder split '{split_dir}' has no class folders; put each class's "
+                        f"images in '{split_dir}/<class name>/'")
+    walked = {_dir_id(split_dir)} | {_dir_id(os.path.join(split_dir, c)) for c in classes}
     paths: list[str] = []
     labels: list[int] = []
     for label, cls in enumerate(classes):
         cls_dir = os.path.join(split_dir, cls)
-        found = []
-        for dirpath, dirnames, filenames in os.walk(cls_dir, followlinks=True):
-            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-            found.extend(os.path.join(dirpath, f) for f in filenames if _is_image_file(f))
+        found = sorted(_image_files(cls_dir, walked))
         if not found:
-            raise UserError(
-                f"class folder '{cls_dir}' has no images (looked for {', '.join(IMAGE_EXTENSIONS)}); "
-                f"add images or remove the folder from every split"
-            )
-        found.sort()
+            raise UserError(f"class folder '{cls_dir}' has no images (looked for "
+                            f"{', '.join(IMAGE_EXTENSIONS)}); add images or remove the folder from "
+                            f"every split")
         paths.extend(found)
         labels.extend([label] * len(found))
     return paths, np.asarray(labels, dtype=np.int64), classes
 
 
+def _dir_id(path: str) -> tuple[int, int]:
+    st = os.stat(path)  # follows links: the identity of the real directory
+    return st.st_dev, st.st_ino
+
+
+def _image_files(top: str, walked: set) -> list[str]:
+    """Image files under ``top``; hidden folders and real directories already ``walked`` skipped."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(top, followlinks=True):
+        keep = []
+        for d in sorted(dirnames):
+            if d.startswith("."):
+                continue
+            try:
+                key = _dir_id(os.path.join(dirpath, d))
+            except OSError:  # vanished, or not permitted: os.walk would skip it too
+                continue
+            if key not in walked:
+                walked.add(key)
+                keep.append(d)
+        dirnames[:] = keep
+        found.extend(os.path.join(dirpath, f) for f in filenames if _is_image_file(f))
+    return found
+
+
 def check_same_classes(train_classes: Sequence[str], val_classes: Sequence[str]) -> None:
-    """Labels are indices into the sorted class names, so both splits must have exactly the same classes."""
+    """Labels index the sorted class names, so both splits must have exactly the same classes."""
     train_set, val_set = set(train_classes), set(val_classes)
     if train_set == val_set:
         return
@@ -81,36 +111,12 @@ def check_same_classes(train_classes: Sequence[str], val_classes: Sequence[str])
                     f"give both splits the same class folders")
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
-    mode = img.mode
-    if mode == "RGB":
-        return img
-    if mode.startswith("I;16") or mode == "I":
-        # 16-bit PNGs: PIL's own conversion clips at 255 (almost all white); scale the range instead.
-        arr = np.asarray(img, dtype=np.float64)
-        arr = np.clip(arr / 257.0 + 0.5, 0, 255).astype(np.uint8)
-        return Image.fromarray(arr, mode="L").convert("RGB")
-    if mode == "F":
-        arr = np.asarray(img, dtype=np.float64)
-        if np.isfinite(arr).all() and arr.size and arr.max() <= 1.0:
-            arr = arr * 255.0
-        arr = np.clip(np.nan_to_num(arr) + 0.5, 0, 255).astype(np.uint8)
-        return Image.fromarray(arr, mode="L").convert("RGB")
-    if mode in ("P", "PA"):
-        # Palette transparency converts cleanly only through RGBA; the alpha is then dropped.
-        img = img.convert("RGBA")
-    if img.mode == "La":
-        img = img.convert("LA")
-    if img.mode == "RGBa":
-        img = img.convert("RGBA")
-    return img.convert("RGB")
-
-
 def check_readable(paths: Sequence[str], threads: int = 8) -> None:
-    """Open every file's header (format and size, no pixel decoding); UserError naming the first bad file.
+    """Open every file's header (format and size, no pixels); UserError naming the first bad file.
 
-    Catches non-images, empty files and unsupported formats before training starts (``data.verify``);
-    a file whose pixel data is truncated still fails later, when it is decoded, naming the file too.
+    Catches non-images, empty files and unsupported formats before training starts
+    (``data.verify``); a file whose pixel data is truncated still fails later, when it is decoded,
+    naming the file too.
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -119,45 +125,26 @@ def check_readable(paths: Sequence[str], threads: int = 8) -> None:
             with Image.open(path) as img:
                 img.size  # noqa: B018 - the header parsed
             return None
-        except Exception as e:  # noqa: BLE001 - UnidentifiedImageError, OSError, DecompressionBombError, ...
+        except Exception as e:  # noqa: BLE001 - UnidentifiedImageError, OSError, DecompressionBomb
             return path, e
 
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
         for bad in pool.map(probe, paths, chunksize=64):
             if bad is not None:
                 path, e = bad
-                raise UserError(f"cannot read image '{path}' ({type(e).__name__}: {e}); fix or delete the file "
-                                f"(data.verify=false skips this check of every file before training)")
+                raise UserError(f"cannot read image '{path}' ({type(e).__name__}: {e}); fix or "
+                                f"delete the file (data.verify=false skips this check of every "
+                                f"file before training)")
 
 
 def load_image_rgb(path: str) -> Image.Image:
-    """Decode ``path`` to an RGB image, whatever its mode.
-
-    Alpha is dropped, not composited: a transparent pixel keeps its stored colour. 16-bit greyscale
-    is scaled to 8 bits. EXIF orientation is not applied (as torchvision's ImageFolder).
-    """
-    try:
-        with Image.open(path) as img:
-            img.load()  # decode now, inside the try, so truncated files fail here
-            rgb = _to_rgb(img)
-            rgb.load()
-            return rgb if rgb is not img else img.copy()
-    except Exception as e:  # UnidentifiedImageError, truncated data, DecompressionBombError, ...
-        raise UserError(f"cannot read image '{path}' ({type(e).__name__}: {e}); fix or delete the file") from e
+    """Decode ``path`` to a full-size RGB image, whatever its mode (`distrain.images.load_rgb`)."""
+    return load_rgb(path)
 
 
 def eval_transform(img: Image.Image, size: int) -> Image.Image:
-    """Resize the shorter side to round(size*1.14), then center-crop ``size`` (torchvision Resize + CenterCrop)."""
-    w, h = img.size
-    short = int(round(size * EVAL_RESIZE_RATIO))
-    if w <= h:
-        new_w, new_h = short, int(short * h / w)
-    else:
-        new_w, new_h = int(short * w / h), short
-    img = img.resize((new_w, new_h), Image.BILINEAR)
-    top = int(round((new_h - size) / 2.0))
-    left = int(round((new_w - size) / 2.0))
-    return img.crop((left, top, left + size, top + size))
+    """Shorter side to round(size*1.14), then the centre ``size`` square (Resize + CenterCrop)."""
+    return center_crop(img, eval_resize(size), size)
 
 
 def random_resized_crop_box(
@@ -190,12 +177,31 @@ def random_resized_crop_box(
 
 
 def train_transform(img: Image.Image, size: int, g: torch.Generator) -> Image.Image:
-    """Random resized crop to ``size`` then a horizontal flip with probability 1/2, all drawn from ``g``."""
+    """Random resized crop to ``size``, then a horizontal flip with probability 1/2, from ``g``."""
     top, left, h, w = random_resized_crop_box(img.width, img.height, g)
     img = img.resize((size, size), Image.BILINEAR, box=(left, top, left + w, top + h))
+    return _maybe_flip(img, g)
+
+
+def _maybe_flip(img: Image.Image, g: torch.Generator) -> Image.Image:
     if torch.rand(1, generator=g).item() < 0.5:
         img = img.transpose(Image.FLIP_LEFT_RIGHT)
     return img
+
+
+def load_item(path: str, size: int, g: Optional[torch.Generator]) -> torch.Tensor:
+    """One file as a uint8 (3, size, size) tensor: `train_transform` drawn from ``g``, or else
+    `eval_transform`.
+
+    The pixels of decoding the file and applying the transform, but the crop box is chosen on the
+    file's size first, so no more is decoded and resized than needed (see `distrain.images`).
+    """
+    with open_image(path) as src:
+        if g is None:
+            return to_uint8_chw(src.eval_crop(eval_resize(size), size))
+        top, left, h, w = random_resized_crop_box(*src.size, g)
+        img = src.resized_region((left, top, left + w, top + h), (size, size))
+    return to_uint8_chw(_maybe_flip(img, g))
 
 
 class ImageFolderDataset(torch.utils.data.Dataset):
@@ -207,8 +213,8 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     sees a later ``set_epoch`` if the index carries it: ``dataset[(epoch, i)]`` is also accepted.
     """
 
-    def __init__(self, paths: Sequence[str], labels: Union[np.ndarray, Sequence[int]], size: int, train: bool,
-                 augment: bool, seed: int):
+    def __init__(self, paths: Sequence[str], labels: Union[np.ndarray, Sequence[int]], size: int,
+                 train: bool, augment: bool, seed: int):
         if len(paths) != len(labels):
             raise ValueError(f"{len(paths)} paths but {len(labels)} labels")
         if int(size) < 1:
@@ -237,11 +243,5 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             epoch, i = int(index[0]), int(index[1])
         else:
             epoch, i = self.epoch, int(index)
-        img = load_image_rgb(self.paths[i])
-        if self.augment:
-            img = train_transform(img, self.size, self.item_generator(epoch, i))
-        else:
-            img = eval_transform(img, self.size)
-        # np.array copies: PIL's buffer may be read-only, and CHW must own contiguous memory.
-        x = torch.from_numpy(np.array(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1), order="C"))
-        return x, int(self.labels[i]), i
+        g = self.item_generator(epoch, i) if self.augment else None
+        return load_item(self.paths[i], self.size, g), int(self.labels[i]), i
