@@ -74,8 +74,12 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def _shown(value: Any) -> str:
+    return "null" if value is None else shorten(value, 60)
+
+
 def _change(key: str, old: Any, new: Any) -> str:
-    return f"{key} changes from {shorten(old, 60)} to {shorten(new, 60)}"
+    return f"'{key}' changes from {_shown(old)} to {_shown(new)}"
 
 
 def decide(old_config: dict, new_config: dict, mid_epoch: bool, where: str = "the checkpoint") -> ResumeDecision:
