@@ -45,9 +45,10 @@ from typing import TYPE_CHECKING, Any, Iterable, Optional
 import numpy as np
 import torch
 
-from distrain import __version__
+from distrain import __version__, resume_policy
 from distrain.errors import UserError
 from distrain.export import atomic_write_bytes, clean_state_dict
+from distrain.optim import apply_optimizer_hparams
 
 if TYPE_CHECKING:  # pragma: no cover
     from distrain.engine import Trainer
@@ -439,6 +440,7 @@ class CheckpointManager:
         elif meta["world_size"] != self.t.world:
             self.t.log(f"warning: world size changes from {meta['world_size']} to {self.t.world} processes with the same "
                        f"global batch {self.t.global_batch}; resuming (per-rank random states are re-derived)")
+        resume_policy.decide_from_meta(meta, cfg.to_dict(), f"checkpoint '{path}'")  # refuses what cannot continue
 
     # -- save -----------------------------------------------------------------------------------
     def save(self, reason: str, accuracy: Optional[float] = None) -> None:
@@ -623,6 +625,9 @@ class CheckpointManager:
             t.scheduler.load_state_dict(sched)
         if scaler is not None and t.accelerator.scaler is not None:
             t.accelerator.scaler.load_state_dict(scaler)
+        for warning in resume_policy.decide_from_meta(meta, t.cfg.to_dict(), f"checkpoint '{path}'").warnings:
+            t.log(f"warning: {warning}")
+        apply_optimizer_hparams(t.optimizer, t.scheduler, t.cfg.train, t.cfg.model)  # this run's, not the saved ones
         known = {f.name for f in fields(TrainState)}
         state = TrainState(**{k: v for k, v in meta["train_state"].items() if k in known})
         state.finished = False  # fit() decides from the (possibly longer) schedule of this run

@@ -71,9 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args) -> int:
-    from distrain.config import load_config
+    from distrain.config import expand_paths, load_config
 
-    cfg = load_config(args.config, args.overrides)  # validated before any process group or file work
+    cfg = expand_paths(load_config(args.config, args.overrides))  # validated before any process group or file work
     from distrain import signals
     from distrain.engine import train
 

@@ -34,6 +34,7 @@ from distrain import checkpoint as ckpt
 from distrain.config import Config, dump_config
 from distrain.data.pipeline import InputPipeline, Split, load_split, normalization, prepare_data
 from distrain.data.sampling import EpochPlan, derived_seed
+from distrain.toolchain import check_compile_toolchain
 from distrain.errors import UserError
 from distrain.export import export_model, model_info
 from distrain.metrics import MetricsLogger, confusion_matrix
@@ -248,6 +249,8 @@ class Trainer:
     def build(self) -> None:
         """Data, model, optimizer, schedule and input pipelines; writes nothing (`distrain bench` uses it alone)."""
         cfg, acc = self.cfg, self.accelerator
+        if cfg.model.compile:  # before the data work: torch.compile would fail only at the first step
+            self._agree("find a compiler for torch.compile", lambda: check_compile_toolchain(self.rt.device))
         if self.rt.device == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels once
         # Rank 0 downloads first; the others only read once it is there.
@@ -754,16 +757,17 @@ def eval_loop(model, data: InputPipeline, accelerator, num_classes: int, precisi
 
 def run_eval(path: str, overrides: list[str], confusion_dir: Optional[str] = None) -> Optional[dict]:
     """`distrain eval`: the test split through a trained model, on any world size; result on the main process."""
-    from distrain.config import Config, apply_overrides, config_from_dict
+    from distrain.config import Config, apply_overrides, check_eval_overrides, config_from_dict, expand_paths
     from distrain.export import load_model
 
+    check_eval_overrides(overrides)  # eval takes data-ish keys only; the model comes from the checkpoint
     loaded = load_model(path)
     info = loaded.info
     cfg = config_from_dict(_data_keys(loaded.config)) if loaded.config else Config()
     cfg.model.name, cfg.model.num_classes = info["architecture"], info["num_classes"]
     cfg.model.input_size = info["input_size"][-1]
     cfg.model.pretrained, cfg.model.weights_path = False, None
-    cfg = apply_overrides(cfg, overrides)
+    cfg = expand_paths(apply_overrides(cfg, overrides))
     rt = resolve_runtime(cfg.train.device, cfg.train.mixed_precision)
     acc = make_accelerator(rt)
     t = _EvalContext(acc)
