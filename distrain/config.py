@@ -1,7 +1,7 @@
 """Typed run configuration: dataclass defaults, YAML files, dotted KEY=VALUE overrides, validation.
 
-Validation runs on every rank before any process group, data or output work, so a bad config fails the
-same way everywhere and never leaves a half-made run directory behind.
+Validation runs on every rank before any process group, data or output work, so a bad config fails
+the same way everywhere and never leaves a half-made run directory behind.
 """
 
 from __future__ import annotations
@@ -37,8 +37,9 @@ class DataConfig:
     augment: bool = True
     max_train_samples: Optional[int] = field(default=None, metadata=_range(lo=1))
     max_test_samples: Optional[int] = field(default=None, metadata=_range(lo=1))
-    # device: the whole split lives on the device, batches are gathered and augmented there (fast path);
-    # dataloader: a torch DataLoader with workers (image folders, splits that do not fit); auto picks.
+    # device: the whole split lives on the device, batches are gathered and augmented there (fast
+    # path); dataloader: a torch DataLoader with workers (image folders, splits that do not fit);
+    # auto picks.
     loader: Literal["auto", "device", "dataloader"] = "auto"
     num_workers: Optional[int] = field(default=None, metadata=_range(lo=0))
 
@@ -54,7 +55,7 @@ class ModelConfig:
     unfreeze_after_epochs: Optional[int] = field(default=None, metadata=_range(lo=0))
     # Learning-rate multiplier for the backbone (features) parameter group.
     backbone_lr_mult: float = field(default=1.0, metadata=_range(lo=0.0))
-    # Side of the square network input; images are resized on the device, never per image through PIL.
+    # Side of the square network input; images are resized on the device, never one by one in PIL.
     input_size: int = field(default=32, metadata=_range(lo=8, hi=1024))
     channels_last: bool = False
     compile: bool = False
@@ -73,19 +74,19 @@ class TrainConfig:
     weight_decay: float = field(default=5e-4, metadata=_range(lo=0.0))
     scheduler: Literal["none", "step", "cosine"] = "cosine"
     warmup_steps: int = field(default=0, metadata=_range(lo=0))
-    # step scheduler: multiply the lr by step_gamma every step_epochs epochs (counted in optimizer steps).
+    # step scheduler: the lr times step_gamma every step_epochs epochs (counted in optimizer steps).
     step_epochs: int = field(default=10, metadata=_range(lo=1))
     step_gamma: float = field(default=0.1, metadata=_range(lo=0.0, hi=1.0, lo_open=True))
     label_smoothing: float = field(default=0.0, metadata=_range(lo=0.0, hi=1.0))
     grad_clip: Optional[float] = field(default=None, metadata=_range(lo=0.0, lo_open=True))
     mixed_precision: Literal["no", "fp16", "bf16", "auto"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    # 0 .. 2**32-1: the range every seeded library (numpy's legacy seeding, DataLoader workers) accepts as is.
+    # 0 .. 2**32-1: what every seeded library (numpy's legacy seeding, DataLoader workers) accepts.
     seed: int = field(default=0, metadata=_range(lo=0, hi=2**32 - 1))
     eval_every_epochs: int = field(default=1, metadata=_range(lo=1))
     # Allow resuming with a different global batch (batch_size x world size x grad_accum_steps).
     allow_batch_change: bool = False
-    # DDP gradient all-reduce in bf16/fp16 (half the bytes on the wire; VGG16 has 138M gradients), or none.
+    # DDP gradient all-reduce in bf16/fp16 (half the bytes on the wire; VGG16 has 138M gradients).
     ddp_comm_hook: Literal["none", "bf16", "fp16"] = "none"
 
 
@@ -99,10 +100,11 @@ class CheckpointConfig:
 @dataclass
 class LogConfig:
     every_steps: int = field(default=50, metadata=_range(lo=1))
-    # bar: a live bar on a terminal; lines: one plain line per interval; auto: bar on a TTY, else lines.
+    # bar: a live bar on a terminal; lines: one plain line per interval; auto: bar on a TTY.
     progress: Literal["auto", "bar", "lines", "none"] = "auto"
     tensorboard: bool = True
-    # Write the dataset indices each rank used, in order, to <output_dir>/trace/ (auditing order and sharding).
+    # Write the dataset indices each rank used, in order, to <output_dir>/trace/ (auditing order and
+    # sharding).
     trace_samples: bool = False
 
 
@@ -134,8 +136,8 @@ _INT_MAX = 2**63 - 1  # every integer key fits an int64 (torch's) unless its own
 _INT_TEXT = re.compile(r"\s*[-+]?[0-9](_?[0-9])*\s*")
 # Keys that name files or directories: a leading `~` is the user's home (see `expand_paths`).
 PATH_KEYS = ("output_dir", "data.root", "model.weights_path", "resume")
-# What `distrain eval` takes from a run's config and its KEY=VALUE overrides (the model comes from the
-# checkpoint); a section name ending in '.' stands for all its keys.
+# What `distrain eval` takes from a run's config and its KEY=VALUE overrides (the model comes from
+# the checkpoint); a section name ending in '.' stands for all its keys.
 EVAL_KEYS = ("data.", "train.batch_size", "train.seed", "train.device", "train.mixed_precision",
              "model.channels_last")
 
@@ -146,7 +148,8 @@ def all_keys(cls=Config, prefix: str = "") -> list[str]:
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         t = hints[f.name]
-        keys += all_keys(t, prefix + f.name + ".") if dataclasses.is_dataclass(t) else [prefix + f.name]
+        is_section = dataclasses.is_dataclass(t)
+        keys += all_keys(t, prefix + f.name + ".") if is_section else [prefix + f.name]
     return keys
 
 
@@ -155,7 +158,7 @@ def _hints(cls) -> dict:
 
 
 def _unknown_key(key: str, value: Any = None) -> UserError:
-    # An unknown section (`modle.name=...`): name the whole dotted key the user wrote, not just `modle`.
+    # An unknown section (`modle.name=...`): name the whole dotted key the user wrote, not `modle`.
     while isinstance(value, dict) and len(value) == 1:
         (sub, value), = value.items()
         key = f"{key}.{sub}"
@@ -163,8 +166,9 @@ def _unknown_key(key: str, value: Any = None) -> UserError:
     close = difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.6)
     if not close:  # a typo in the last part only, e.g. train.bach_size
         leaf = key.rsplit(".", 1)[-1]
-        close = [k for k in all_keys() if difflib.get_close_matches(leaf, [k.rsplit(".", 1)[-1]], cutoff=0.75)]
-    hint = f"; did you mean '{close[0]}'?" if close else "; see `distrain train --help` for the keys"
+        close = [k for k in all_keys()
+                 if difflib.get_close_matches(leaf, [k.rsplit(".", 1)[-1]], cutoff=0.75)]
+    hint = f"; did you mean '{close[0]}'?" if close else "; see `distrain train --help` for keys"
     return UserError(f"unknown config key '{key}'{hint}")
 
 
@@ -175,14 +179,15 @@ def _type_name(t) -> str:
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(t) if a is not type(None)]
         return " or ".join(_type_name(a) for a in args) + " or null"
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(t, str(t))
+    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+    return names.get(t, str(t))
 
 
 def _from_source(leaf: yamlio.Scalar, t) -> Any:
-    """Read a YAML scalar or a KEY=VALUE text by the key's type ``t``; `_coerce` then checks the result.
+    """Read a YAML scalar or a KEY=VALUE text by the key's type ``t``; `_coerce` checks the result.
 
-    String keys keep the text as written: YAML's own typing would make `0123` the integer 83 and `1:30`
-    the integer 90. Numbers are read from the text too (YAML 1.1 leaves `1e-3` a string).
+    String keys keep the text as written: YAML's own typing would make `0123` the integer 83 and
+    `1:30` the integer 90. Numbers are read from the text too (YAML 1.1 leaves `1e-3` a string).
     """
     text = leaf.text if leaf.plain else (leaf.value if isinstance(leaf.value, str) else None)
     origin = typing.get_origin(t)
@@ -192,7 +197,7 @@ def _from_source(leaf: yamlio.Scalar, t) -> Any:
         (t,) = [a for a in typing.get_args(t) if a is not type(None)]
         origin = typing.get_origin(t)
     if origin is Literal or t is str:
-        # A plain `~` is YAML's null, but for a path key (a string, never null) it is the home directory.
+        # A plain `~` is YAML's null, but for a path key (a string, never null) it is the home.
         if leaf.value is None and not (t is str and leaf.plain and leaf.text.strip() == "~"):
             return None
         return (text.strip() if origin is Literal else text) if text is not None else leaf.value
@@ -204,7 +209,7 @@ def _from_source(leaf: yamlio.Scalar, t) -> Any:
 def _number(text: str, t, yaml_value: Any) -> Any:
     """A number from its text, or the text itself (refused by `_coerce`, naming what was written).
 
-    Python's reading, not YAML 1.1's: `010` is ten (not octal eight) and `1:30` is no number (not 90).
+    Python's reading, not YAML 1.1's: `010` is ten (not octal eight), `1:30` no number (not 90).
     """
     try:
         if t is float:
@@ -222,7 +227,7 @@ def _number(text: str, t, yaml_value: Any) -> Any:
 
 
 def _coerce(key: str, value: Any, t) -> Any:
-    """Check ``value`` against the annotated type ``t``; return it in canonical form or raise UserError."""
+    """Check ``value`` against the annotated type ``t``: its canonical form, or a UserError."""
     origin = typing.get_origin(t)
     bad = UserError(f"config key '{key}' must be {_type_name(t)}, got {shorten(value)}")
     if origin in (typing.Union, types.UnionType):
@@ -285,9 +290,10 @@ class _Located(UserError):
 
 
 def _apply(obj, data: dict, prefix: str = "", src: str = "") -> None:
-    """Set the keys in ``data`` (plain values, or `yamlio` trees from ``src``: a file or an override)."""
+    """Set the keys in ``data`` (plain values, or `yamlio` trees from ``src``, a file's name)."""
     if not isinstance(data, dict):
-        raise UserError(f"config section '{prefix.rstrip('.') or '<top>'}' must be a mapping, got {shorten(data)}")
+        section = prefix.rstrip(".") or "<top>"
+        raise UserError(f"config section '{section}' must be a mapping, got {shorten(data)}")
     for name, value in data.items():
         where = ""
         if isinstance(data, yamlio.Section) and src:
@@ -328,11 +334,12 @@ def _dotted_in_yaml(key: str, value: Any) -> UserError:
     parts = key.split(".")
     shown = value.text if isinstance(value, yamlio.Scalar) and value.plain else "..."
     nested = " ".join(f"'{'  ' * i}{p}:'" for i, p in enumerate(parts[:-1]))
-    hint = f"write {nested} and under it '{'  ' * (len(parts) - 1)}{parts[-1]}: {shorten_text(shown, 40)}'"
+    leaf = f"{'  ' * (len(parts) - 1)}{parts[-1]}: {shorten_text(shown, 40)}"
+    hint = f"write {nested} and under it '{leaf}'"
     if key not in all_keys():
         return UserError(f"{_unknown_key(key)}; and YAML nests keys: {hint}")
-    return UserError(f"key '{shorten_text(key)}' has dots: YAML nests keys (dotted keys are for KEY=VALUE "
-                     f"overrides); {hint}")
+    return UserError(f"key '{shorten_text(key)}' has dots: YAML nests keys (dotted keys are for "
+                     f"KEY=VALUE overrides); {hint}")
 
 
 def _parse_override(text: str) -> tuple[str, Any]:
@@ -346,7 +353,7 @@ def _parse_override(text: str) -> tuple[str, Any]:
         tree = yamlio.parse(raw) if raw.strip() else None
     except (yaml.YAMLError, yamlio.YamlProblem):
         tree = None if not raw.strip() else yamlio.Scalar(raw, raw, True)
-    if isinstance(tree, yamlio.Section):  # a whole section, e.g. data={name: synthetic, augment: false}
+    if isinstance(tree, yamlio.Section):  # a whole section: data={name: synthetic, augment: false}
         return key, tree
     # The text as written (not YAML's reading of it) decides, by the key's type: see _from_source.
     return key, yamlio.Scalar(raw, None if tree is None else tree.value, True)
@@ -364,7 +371,7 @@ def _nest(key: str, value: Any) -> dict:
 
 
 def read_yaml_mapping(path: str, what: str) -> yamlio.Section:
-    """The mapping in a YAML file (see yamlio.read_text for what ``path`` may be); UserError otherwise."""
+    """The mapping in a YAML file (see yamlio.read_text for what ``path`` may be), or UserError."""
     text = yamlio.read_text(path, what)
     try:
         tree = yamlio.parse(text)
@@ -379,7 +386,7 @@ def read_yaml_mapping(path: str, what: str) -> yamlio.Section:
 
 
 def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
-    """Defaults, then the YAML file (``-`` is stdin), then each override in order (later wins); validated."""
+    """Defaults, the YAML file (``-``: stdin), each override in order (later wins); validated."""
     cfg = Config()
     if path is not None:
         name = "<stdin>" if path == "-" else shorten_text(path, 200)
@@ -413,18 +420,19 @@ def expand_paths(cfg: Config) -> Config:
 
 
 def is_eval_key(key: str) -> bool:
-    return any(key == k or (k.endswith(".") and (key.startswith(k) or key == k[:-1])) for k in EVAL_KEYS)
+    return any(key == k or (k.endswith(".") and (key.startswith(k) or key == k[:-1]))
+               for k in EVAL_KEYS)
 
 
 def check_eval_overrides(overrides: Optional[list[str]]) -> None:
-    """`distrain eval` overrides: known keys that eval uses (EVAL_KEYS); anything else is a UserError."""
+    """`distrain eval` overrides: known keys that eval uses (EVAL_KEYS); others are a UserError."""
     for text in overrides or []:
         key, value = _parse_override(text)
         if key not in all_keys() and not any(k.startswith(key + ".") for k in all_keys()):
             raise _unknown_key(key)
         if not is_eval_key(key):
-            raise UserError(f"distrain eval does not use config key '{key}' (the model comes from the "
-                            f"checkpoint); it takes data.*, " + ", ".join(EVAL_KEYS[1:]))
+            raise UserError(f"distrain eval does not use config key '{key}' (the model comes from "
+                            f"the checkpoint); it takes data.*, " + ", ".join(EVAL_KEYS[1:]))
 
 
 def config_from_dict(data: dict) -> Config:
@@ -436,10 +444,10 @@ def config_from_dict(data: dict) -> Config:
 
 
 def read_run_config(path) -> dict:
-    """A run directory's config.yaml (as `dump_config` wrote it) as plain values, for eval and predict.
+    """A run directory's config.yaml (as `dump_config` wrote it) as plain values, for eval/predict.
 
-    Checked: readable UTF-8 YAML (bounded, see yamlio), a mapping whose sections are mappings. Keys are
-    not checked against this version's: eval and predict use only the parts they know.
+    Checked: readable UTF-8 YAML (bounded, see yamlio), a mapping whose sections are mappings. Keys
+    are not checked against this version's: eval and predict use only the parts they know.
     """
     what = f"run config '{shorten_text(str(path), 200)}'"
     tree = read_yaml_mapping(str(path), what)
@@ -447,25 +455,28 @@ def read_run_config(path) -> dict:
         if name not in tree:
             continue
         if not isinstance(tree[name], yamlio.Section):
-            raise UserError(f"{what}: '{name}' must be a mapping of keys, got {shorten(yamlio.plain(tree[name]))}; "
-                            f"restore the file or remove it (eval then needs data.* overrides)")
+            got = shorten(yamlio.plain(tree[name]))
+            raise UserError(f"{what}: '{name}' must be a mapping of keys, got {got}; restore the "
+                            f"file or remove it (eval then needs data.* overrides)")
     return yamlio.plain(tree)
 
 
-_SECTIONS = tuple(f.name for f in dataclasses.fields(Config) if dataclasses.is_dataclass(_hints(Config)[f.name]))
+_SECTIONS = tuple(f.name for f in dataclasses.fields(Config)
+                  if dataclasses.is_dataclass(_hints(Config)[f.name]))
 
 
 def validate(cfg: Config) -> None:
     """Cross-key checks that single-key types and ranges cannot express."""
     if cfg.model.weights_path is not None and cfg.model.pretrained:
-        raise UserError("config keys 'model.pretrained' and 'model.weights_path' exclude each other; set one")
+        raise UserError("config keys 'model.pretrained' and 'model.weights_path' exclude each "
+                        "other; set one")
     if cfg.model.name == "cifar10_quick":
         if cfg.model.pretrained or cfg.model.weights_path:
-            raise UserError("config key 'model.pretrained'/'model.weights_path': cifar10_quick has no "
-                            "pretrained weights")
+            raise UserError("config key 'model.pretrained'/'model.weights_path': cifar10_quick has "
+                            "no pretrained weights")
         if cfg.model.input_size != 32:
-            raise UserError("config key 'model.input_size' must be 32 for cifar10_quick (its 1024-wide layer "
-                            "fixes it)")
+            raise UserError("config key 'model.input_size' must be 32 for cifar10_quick (its "
+                            "1024-wide layer fixes it)")
     if cfg.model.unfreeze_after_epochs is not None and not cfg.model.freeze_features:
         raise UserError("config key 'model.unfreeze_after_epochs' needs model.freeze_features=true")
     if cfg.resume not in ("auto", "none") and not cfg.resume.strip():
@@ -476,5 +487,5 @@ def validate(cfg: Config) -> None:
 
 
 def dump_config(cfg: Config, path: Path) -> None:
-    """Write the resolved config atomically (a crash leaves the old file or the new one, never half)."""
+    """Write the resolved config atomically (a crash leaves the old file or the new one)."""
     atomic_write_text(Path(path), cfg.to_yaml())

@@ -43,9 +43,10 @@ def group_hparams(name: str, train: TrainConfig, mcfg: ModelConfig) -> dict:
 def apply_optimizer_hparams(optimizer, scheduler, train: TrainConfig, mcfg: ModelConfig) -> None:
     """Set this config's lr, momentum, weight decay and nesterov into ``optimizer`` after a resume.
 
-    Loading an optimizer's state restores the hyper-parameters of the run that saved it; a resumed run
-    trains with its own (see resume_policy). The schedule keeps its position: each group's lr is its
-    new base lr times the schedule's factor at the current step, and the scheduler's base lrs follow.
+    Loading an optimizer's state restores the hyper-parameters of the run that saved it; a resumed
+    run trains with its own (see resume_policy). The schedule keeps its position: each group's lr is
+    its new base lr times the schedule's factor at the current step; the scheduler's base lrs
+    follow.
     """
     for i, group in enumerate(optimizer.param_groups):
         hp = group_hparams(group.get("name", ""), train, mcfg)
@@ -55,7 +56,7 @@ def apply_optimizer_hparams(optimizer, scheduler, train: TrainConfig, mcfg: Mode
             group["nesterov"] = train.nesterov and train.momentum > 0
         group["initial_lr"] = scheduler.base_lrs[i] = hp["lr"]
         group["lr"] = hp["lr"] * scheduler.lr_lambdas[i](scheduler.last_epoch)
-    # get_last_lr() (logged as `lr`) reads this; the next scheduler.step() would set it the same way.
+    # get_last_lr() (logged as `lr`) reads this; the next scheduler.step() sets it the same way.
     scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
 
 

@@ -1,24 +1,38 @@
 """What a resumed run does with each config key that differs from its checkpoint's config.
 
-A resumed run records its own config (config.yaml, every new checkpoint), so each difference is either
-honoured from the resume step on and announced with a warning naming the key, or refused (exit 2,
-naming the key and the ways out) when the checkpoint cannot continue under it. Nothing is ignored
-silently: the recorded config is the one that ran.
+A resumed run records its own config (config.yaml, every new checkpoint), so each difference is
+either honoured from the resume step on and announced with a warning naming the key, or refused
+(exit 2, naming the key and the ways out) when the checkpoint cannot continue under it. Nothing is
+ignored silently: the recorded config is the one that ran. The rules, key by key:
 
-| rule | keys | what happens |
-| --- | --- | --- |
-| optimizer | train.lr, train.momentum, train.weight_decay, train.nesterov, model.backbone_lr_mult | honoured: set into the optimizer's parameter groups after its state is loaded (`optim.apply_optimizer_hparams`); the schedule continues from the resume step with the new base lr |
-| honour | output_dir, data.root, data.download, data.verify, data.max_test_samples, data.loader, data.num_workers, model.channels_last, model.compile, train.epochs, train.max_steps, train.warmup_steps, train.step_epochs, train.step_gamma, train.label_smoothing, train.grad_clip, train.mixed_precision, train.device, train.eval_every_epochs, train.allow_batch_change, train.ddp_comm_hook, checkpoint.*, log.* | honoured from the resume step (the schedule is recomputed from the new length and warm-up) |
-| batch | train.batch_size, train.grad_accum_steps | honoured under the global-batch rule: a different batch_size x processes x grad_accum_steps needs train.allow_batch_change=true |
-| epoch boundary | train.seed, data.name, data.max_train_samples, data.augment | honoured at an epoch boundary; refused mid-epoch: the rest of the epoch would use some images twice and others never (or others' augmentation) |
-| initial weights | model.pretrained, model.weights_path | announced: no effect, a resumed run's weights come from the checkpoint |
-| structure | model.unfreeze_after_epochs | another epoch is honoured; setting or unsetting it is refused (it changes the optimizer's parameter groups) |
-| refuse | model.name, model.num_classes, model.input_size, model.freeze_features, train.optimizer, train.scheduler | refused: the checkpoint's model or optimizer state does not fit, or its schedule cannot continue |
-| not compared | resume | says where this run starts, not how it trains |
+- optimizer: train.lr, train.momentum, train.weight_decay, train.nesterov, model.backbone_lr_mult.
+  Honoured: set into the optimizer's parameter groups after its state is loaded
+  (`optim.apply_optimizer_hparams`); the schedule keeps its position with the new base lr.
+- honour: output_dir, data.root, data.download, data.verify, data.max_test_samples, data.loader,
+  data.num_workers, model.channels_last, model.compile, train.epochs, train.max_steps,
+  train.warmup_steps, train.step_epochs, train.step_gamma, train.label_smoothing, train.grad_clip,
+  train.mixed_precision, train.device, train.eval_every_epochs, train.allow_batch_change,
+  train.ddp_comm_hook, checkpoint.*, log.*. Honoured from the resume step (a new length or warm-up
+  reshapes the rest of the schedule).
+- batch: train.batch_size, train.grad_accum_steps. Honoured while the global batch (batch_size x
+  processes x grad_accum_steps) stays; another one needs train.allow_batch_change=true, a rule the
+  checkpoint code applies.
+- epoch boundary: train.seed, data.name, data.max_train_samples, data.augment. Honoured at an epoch
+  boundary; refused mid-epoch, where the rest of the epoch would use some images twice and others
+  never (or with other augmentation).
+- initial weights: model.pretrained, model.weights_path. Announced as having no effect: a resumed
+  run's weights come from the checkpoint.
+- structure: model.unfreeze_after_epochs. Another epoch is honoured; setting or unsetting it is
+  refused (it changes the optimizer's parameter groups).
+- refuse: model.name, model.num_classes, model.input_size, model.freeze_features, train.optimizer,
+  train.scheduler. Refused: the checkpoint's model or optimizer state does not fit, or its schedule
+  cannot continue.
+- not compared: resume. It says where this run starts, not how it trains.
 
 Keys missing from the checkpoint's config (written by another distrain version) are not compared.
-`decide` is pure: it reads two config dicts and the checkpoint's position and returns a `ResumeDecision`
-or raises UserError; the checkpoint code logs the warnings and applies the optimizer values.
+`decide` is pure: it reads two config dicts and the checkpoint's position and returns a
+`ResumeDecision` or raises UserError; the checkpoint code logs the warnings and applies the
+optimizer values.
 """
 
 from __future__ import annotations
@@ -29,19 +43,21 @@ from typing import Any
 from distrain.errors import UserError, shorten
 
 OPTIMIZER, HONOUR, BATCH, EPOCH_BOUNDARY = "optimizer", "honour", "batch", "epoch boundary"
-INITIAL_WEIGHTS, STRUCTURE, REFUSE, NOT_COMPARED = "initial weights", "structure", "refuse", "not compared"
+INITIAL_WEIGHTS, STRUCTURE = "initial weights", "structure"
+REFUSE, NOT_COMPARED = "refuse", "not compared"
 
 _RULES: dict[str, tuple[str, ...]] = {
-    OPTIMIZER: ("train.lr", "train.momentum", "train.weight_decay", "train.nesterov", "model.backbone_lr_mult"),
+    OPTIMIZER: ("train.lr", "train.momentum", "train.weight_decay", "train.nesterov",
+                "model.backbone_lr_mult"),
     BATCH: ("train.batch_size", "train.grad_accum_steps"),
     EPOCH_BOUNDARY: ("train.seed", "data.name", "data.max_train_samples", "data.augment"),
     INITIAL_WEIGHTS: ("model.pretrained", "model.weights_path"),
     STRUCTURE: ("model.unfreeze_after_epochs",),
-    REFUSE: ("model.name", "model.num_classes", "model.input_size", "model.freeze_features", "train.optimizer",
-             "train.scheduler"),
+    REFUSE: ("model.name", "model.num_classes", "model.input_size", "model.freeze_features",
+             "train.optimizer", "train.scheduler"),
     NOT_COMPARED: ("resume",),
 }
-# The optimizer hyper-parameter each OPTIMIZER key feeds (backbone_lr_mult scales the backbone's lr).
+# The optimizer hyper-parameter each OPTIMIZER key feeds (backbone_lr_mult scales the backbone lr).
 _HPARAM = {"train.lr": "lr", "model.backbone_lr_mult": "lr", "train.momentum": "momentum",
            "train.weight_decay": "weight_decay", "train.nesterov": "nesterov"}
 _WAYS_OUT = "revert it, or start afresh with resume=none or another output_dir"
@@ -82,11 +98,12 @@ def _change(key: str, old: Any, new: Any) -> str:
     return f"'{key}' changes from {_shown(old)} to {_shown(new)}"
 
 
-def decide(old_config: dict, new_config: dict, mid_epoch: bool, where: str = "the checkpoint") -> ResumeDecision:
+def decide(old_config: dict, new_config: dict, mid_epoch: bool,
+           where: str = "the checkpoint") -> ResumeDecision:
     """Key by key, what resuming a checkpoint written under ``old_config`` with ``new_config`` does.
 
-    ``mid_epoch``: the checkpoint is inside an epoch (its train_state's step_in_epoch > 0). ``where``
-    names the checkpoint in messages. Raises UserError naming the first refused key (and the others).
+    ``mid_epoch``: the checkpoint is inside an epoch (its train_state's step_in_epoch > 0).
+    ``where`` names the checkpoint in messages. UserError names the first refused key (and others).
     """
     old, new = _flat(old_config), _flat(new_config)
     warnings, reapply, changed, refused = [], [], [], []
@@ -98,19 +115,22 @@ def decide(old_config: dict, new_config: dict, mid_epoch: bool, where: str = "th
         if rule == REFUSE or (rule == STRUCTURE and (old[key] is None) != (value is None)):
             refused.append((key, f"{change}, which {where} cannot continue under"))
         elif rule == EPOCH_BOUNDARY and mid_epoch:
-            refused.append((key, f"{change} in the middle of an epoch, which would use some of its images twice "
-                                 f"and others never (allowed at an epoch boundary)"))
+            refused.append((key, f"{change} in the middle of an epoch, which would use some of "
+                                 f"its images twice and others never (allowed at an epoch "
+                                 f"boundary)"))
         elif rule == INITIAL_WEIGHTS:
             warnings.append(f"{change}: no effect, a resumed run's weights come from {where}")
         else:
-            note = {OPTIMIZER: ", applied from the resume step on", BATCH: " (global-batch rule: see "
-                    "train.allow_batch_change)"}.get(rule, ", honoured from the resume step on")
+            note = {OPTIMIZER: ", applied from the resume step on",
+                    BATCH: " (global-batch rule: see train.allow_batch_change)"}.get(
+                rule, ", honoured from the resume step on")
             warnings.append(change + note)
             if rule == OPTIMIZER and _HPARAM[key] not in reapply:
                 reapply.append(_HPARAM[key])
     if refused:
         key, why = refused[0]
-        more = f" (also refused: {', '.join(k for k, _ in refused[1:])})" if len(refused) > 1 else ""
+        others = ", ".join(k for k, _ in refused[1:])
+        more = f" (also refused: {others})" if others else ""
         raise UserError(f"cannot resume {where}: config key {why}; {_WAYS_OUT}{more}")
     return ResumeDecision(tuple(warnings), tuple(reapply), tuple(changed))
 
@@ -120,6 +140,7 @@ def decide_from_meta(meta: dict, new_config: dict, where: str) -> ResumeDecision
     old = meta.get("config")
     state = meta.get("train_state") or {}
     if not isinstance(old, dict):
-        raise UserError(f"{where}: its state.json holds no config mapping; the checkpoint is damaged")
+        raise UserError(f"{where}: its state.json holds no config mapping; the checkpoint is "
+                        f"damaged")
     step_in_epoch = state.get("step_in_epoch", 0) if isinstance(state, dict) else 0
     return decide(old, new_config, mid_epoch=bool(step_in_epoch), where=where)

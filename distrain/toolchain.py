@@ -6,7 +6,7 @@ the way the backend will, before training starts:
 - CPU: TorchInductor builds C++ kernels with ``torch._inductor.cpp_builder.get_cpp_compiler()`` (the
   ``CXX`` environment variable, else ``g++``, run with ``--version``); that function is used
   when it exists, else its order is followed.
-- CUDA: Triton builds each kernel's launcher with a C compiler: ``CC``, else ``gcc``, else ``clang``.
+- CUDA: Triton builds each kernel's launcher with a C compiler: ``CC``, else ``gcc``, or ``clang``.
 """
 
 from __future__ import annotations
@@ -18,13 +18,13 @@ import subprocess
 
 from distrain.errors import UserError, shorten_text
 
-_INSTALL = ("install one (Debian/Ubuntu: `apt install {apt}`; conda: `conda install -c conda-forge {conda}`) "
-            "or point {var} at it, or set model.compile=false")
+_INSTALL = ("install one (Debian/Ubuntu: `apt install {apt}`; conda: `conda install -c conda-forge "
+            "{conda}`) or point {var} at it, or set model.compile=false")
 _PACKAGES = {"CXX": ("g++", "gxx"), "CC": ("gcc", "gcc")}
 
 
 def check_compile_toolchain(device_type: str) -> str:
-    """The compiler torch.compile will use on ``device_type`` ("cpu" or "cuda"); UserError if none works."""
+    """The compiler torch.compile will use on ``device_type`` ("cpu"/"cuda"); UserError if none."""
     if device_type == "cuda":
         return _c_compiler_for_triton()
     return _cpp_compiler_for_inductor()
@@ -45,13 +45,15 @@ def _cpp_compiler_for_inductor() -> str:
 def _c_compiler_for_triton() -> str:
     cc = os.environ.get("CC")
     candidates = [cc] if cc else [c for c in (shutil.which("gcc"), shutil.which("clang")) if c]
-    return _first_working(candidates or ["gcc"], "CC", "a C compiler (Triton builds its kernels with it)")
+    return _first_working(candidates or ["gcc"], "CC",
+                          "a C compiler (Triton builds its kernels with it)")
 
 
 def _first_working(candidates: list[str], var: str, what: str) -> str:
     for cc in candidates:
         try:
-            subprocess.run([*shlex.split(cc), "--version"], check=True, capture_output=True, timeout=60)
+            subprocess.run([*shlex.split(cc), "--version"], check=True, capture_output=True,
+                           timeout=60)
             return cc
         except (OSError, ValueError, subprocess.SubprocessError):
             continue

@@ -1,14 +1,14 @@
-"""Reading the YAML that users and runs write: bounded, duplicate-free, with each scalar's source text.
+"""Reading the YAML that users and runs write: bounded, duplicate-free, each scalar's text kept.
 
 Invariants:
-- Reading costs time and memory proportional to the file, whatever it holds: files over ``MAX_BYTES``
-  are refused unread, and a document whose aliases would expand past ``MAX_NODES`` values (an alias
-  bomb) or that nests deeper than ``MAX_DEPTH`` is refused while it is being composed, before any
-  Python object is built.
+- Reading costs time and memory proportional to the file, whatever it holds: files over
+  ``MAX_BYTES`` are refused unread, and a document whose aliases would expand past ``MAX_NODES``
+  values (an alias bomb) or that nests deeper than ``MAX_DEPTH`` is refused while it is being
+  composed, before any Python object is built.
 - A key given twice in one mapping is an error naming the key and both lines (PyYAML would keep the
   last silently); keys brought in by a ``<<`` merge may be overridden, as YAML intends.
-- Every scalar keeps its source text next to what YAML makes of it, so a caller that knows a key's type
-  can read ``0123`` as the string "0123" (YAML 1.1 says octal 83) or ``1:30`` as "1:30" (it says 90).
+- Every scalar keeps its source text next to what YAML makes of it, so a caller that knows a key's
+  type can read ``0123`` as the string "0123" (YAML 1.1: octal 83), ``1:30`` as "1:30" (YAML: 90).
 - Names in messages are cut by `errors.shorten_text`: a message's length is bounded too.
 """
 
@@ -27,7 +27,7 @@ from yaml.nodes import MappingNode, ScalarNode, SequenceNode
 
 from distrain.errors import UserError, shorten_text
 
-MAX_BYTES = 1 << 20  # a config is a few KB; a megabyte is a mistake (a dataset or a binary given to -c)
+MAX_BYTES = 1 << 20  # a config is a few KB; a megabyte is a mistake (a dataset given to -c)
 MAX_NODES = 10_000  # values after expanding aliases; distrain's whole config has about 60
 MAX_DEPTH = 32
 
@@ -44,7 +44,7 @@ class YamlProblem(Exception):
 
 @dataclass(frozen=True)
 class Scalar:
-    """A leaf value: ``text`` as written (for a plain scalar; else ""), ``value`` what YAML makes of it."""
+    """A leaf: ``text`` as written (a plain scalar's; else ""), ``value`` what YAML makes of it."""
 
     text: str
     value: Any
@@ -53,7 +53,7 @@ class Scalar:
 
 
 class Section(dict):
-    """A YAML mapping: keys (as written) to `Section` or `Scalar`; ``key_lines`` says where each key is."""
+    """A YAML mapping: keys (as written) to `Section` or `Scalar`; ``key_lines``: their lines."""
 
     def __init__(self, line: int = 0):
         super().__init__()
@@ -65,7 +65,7 @@ Tree = Union[Section, Scalar]
 
 
 class _BoundedLoader(yaml.SafeLoader):
-    """SafeLoader that counts the values each node expands to (aliases included) and the nesting depth."""
+    """SafeLoader counting the values each node expands to (aliases included) and the depth."""
 
     def __init__(self, stream):
         super().__init__(stream)
@@ -76,7 +76,7 @@ class _BoundedLoader(yaml.SafeLoader):
         line = self.peek_event().start_mark.line + 1
         if self.check_event(AliasEvent):
             node = super().compose_node(parent, index)
-            if id(node) not in self._sizes:  # anchored on a collection still being composed: an ancestor
+            if id(node) not in self._sizes:  # anchored on a collection still being composed
                 raise YamlProblem("an alias refers to the collection that contains it", line)
             return node
         self._depth += 1
@@ -90,8 +90,8 @@ class _BoundedLoader(yaml.SafeLoader):
         return node
 
     def _count(self, node, line: int) -> None:
-        # Children are composed (and counted) before their parent; an alias's node was counted when it
-        # was composed, so the sum costs one addition per child whatever the aliases expand to.
+        # Children are composed (and counted) before their parent; an alias's node was counted when
+        # it was composed, so the sum costs one addition per child whatever the aliases expand to.
         if isinstance(node, ScalarNode):
             children: list = []
         elif isinstance(node, SequenceNode):
@@ -112,7 +112,7 @@ def _tree(loader: _BoundedLoader, node) -> Tree:
         text = node.value if isinstance(node, ScalarNode) else ""
         try:
             value = loader.construct_object(node, deep=True)
-        except (ValueError, OverflowError):  # e.g. an integer of 5000 digits: the text may still be a name
+        except (ValueError, OverflowError):  # e.g. a 5000-digit integer: the text may be a name
             if not isinstance(node, ScalarNode):
                 raise YamlProblem("a value cannot be read", line) from None
             value = node.value
@@ -123,18 +123,20 @@ def _tree(loader: _BoundedLoader, node) -> Tree:
     out = Section(line)
     for i, (k, v) in enumerate(node.value):
         if not isinstance(k, ScalarNode):
-            raise YamlProblem("a key must be a plain name, not a list or a mapping", k.start_mark.line + 1)
+            raise YamlProblem("a key must be a plain name, not a list or a mapping",
+                              k.start_mark.line + 1)
         key, kline = k.value, k.start_mark.line + 1
         if i >= first_explicit and key in out and out.key_lines[key] > 0:
-            raise YamlProblem(f"key '{shorten_text(key)}' appears twice (lines {out.key_lines[key]} and "
-                              f"{kline}); keep one: YAML would silently drop the first", kline)
+            raise YamlProblem(f"key '{shorten_text(key)}' appears twice (lines "
+                              f"{out.key_lines[key]} and {kline}); keep one: YAML would silently "
+                              f"drop the first", kline)
         out[key] = _tree(loader, v)
         out.key_lines[key] = kline if i >= first_explicit else -kline  # negative: came from a merge
     return out
 
 
 def parse(text: str) -> Optional[Tree]:
-    """The document in ``text`` as a tree (None when empty). Raises YamlProblem or yaml.YAMLError."""
+    """The document in ``text`` as a tree (None when empty); YamlProblem or yaml.YAMLError."""
     loader = _BoundedLoader(text)
     try:
         node = loader.get_single_node()
@@ -163,7 +165,7 @@ def describe_problem(e: Exception) -> str:
 
 
 def read_text(path: str, what: str) -> str:
-    """The UTF-8 text of a YAML file, ``-`` (stdin) or a pipe (``/dev/stdin``, ``<(...)``), at most MAX_BYTES.
+    """The UTF-8 text of a file, ``-`` (stdin) or a pipe (``/dev/stdin``, ``<(...)``), <= MAX_BYTES.
 
     ``what`` names the file in messages, e.g. "config file 'c.yaml'".
     """
@@ -185,7 +187,8 @@ def read_text(path: str, what: str) -> str:
         except OSError as e:
             raise UserError(f"cannot read {what}: {e.strerror or e}") from None
     if len(data) > MAX_BYTES:
-        raise UserError(f"{what} is larger than {MAX_BYTES // 1024} KiB; a config is a small YAML file")
+        raise UserError(f"{what} is larger than {MAX_BYTES // 1024} KiB; a config is a small "
+                        f"YAML file")
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -194,8 +197,8 @@ def read_text(path: str, what: str) -> str:
 
 
 def _refuse_stream_under_launcher(what: str) -> None:
-    # Every rank of a multi-process launch reads the config itself; only one of them could read a stream,
-    # and the others would silently train with another config.
+    # Every rank of a multi-process launch reads the config itself; only one of them could read a
+    # stream, and the others would silently train with another config.
     if os.environ.get("WORLD_SIZE", "1") not in ("", "1"):
-        raise UserError(f"{what} is a stream (stdin or a pipe): every process of a multi-process launch reads "
-                        f"the config, so write it to a file and pass that")
+        raise UserError(f"{what} is a stream (stdin or a pipe): every process of a multi-process "
+                        f"launch reads the config, so write it to a file and pass that")

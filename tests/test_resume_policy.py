@@ -1,8 +1,8 @@
-"""A resumed run with a changed config, through real `distrain train` processes (issue 11, items 3, 4, 12).
+"""A resumed run with a changed config, through real `distrain train` processes (issue 11).
 
-A new lr is honoured (the optimizer's parameter groups, the logged lr, config.yaml and the new checkpoint
-all say the new value); another train.seed is refused from a mid-epoch checkpoint and honoured at an
-epoch boundary; the largest seed trains, checkpoints mid-epoch and resumes.
+A new lr is honoured (the optimizer's parameter groups, the logged lr, config.yaml and the new
+checkpoint all say the new value); another train.seed is refused from a mid-epoch checkpoint and
+honoured at an epoch boundary; the largest seed trains, checkpoints mid-epoch and resumes.
 """
 
 from __future__ import annotations
@@ -37,8 +37,10 @@ def test_a_resume_with_another_lr_trains_with_it(tmp_path):
     args = smoke_args(run, **{"train.scheduler": "none", "train.momentum": 0.9})
     run_distrain(["train", *args, "train.lr=0.01"], check=True)
     assert [g["lr"] for g in optimizer_groups(newest_checkpoint(run))] == [0.01] * 4
-    proc = run_distrain(["train", *args, "train.lr=0.05", "train.momentum=0.5", "train.epochs=2"], check=True)
-    assert "warning: 'train.lr' changes from 0.01 to 0.05, applied from the resume step on" in proc.stderr
+    proc = run_distrain(["train", *args, "train.lr=0.05", "train.momentum=0.5", "train.epochs=2"],
+                        check=True)
+    assert ("warning: 'train.lr' changes from 0.01 to 0.05, applied from the resume step on"
+            in proc.stderr)
     assert "warning: 'train.momentum' changes from 0.9 to 0.5" in proc.stderr
     epochs = metrics_events(run, "train")
     assert [(e["epoch"], e["lr"]) for e in epochs] == [(0, 0.01), (1, 0.05)]
@@ -51,7 +53,8 @@ def test_a_resume_with_another_lr_trains_with_it(tmp_path):
 
 def test_another_seed_is_refused_mid_epoch_and_honoured_at_an_epoch_boundary(tmp_path):
     run = tmp_path / "mid"
-    run_distrain(["train", *smoke_args(run, **{"train.max_steps": 3})], check=True)  # stops in epoch 1 of 8 steps
+    # Stops at step 3 of the first epoch's 8.
+    run_distrain(["train", *smoke_args(run, **{"train.max_steps": 3})], check=True)
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
     for over in ({"train.seed": 5}, {"data.max_train_samples": 200}):
         proc = run_distrain(["train", *smoke_args(run, **{"train.max_steps": "null", **over})])
@@ -61,9 +64,11 @@ def test_another_seed_is_refused_mid_epoch_and_honoured_at_an_epoch_boundary(tmp
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before  # nothing touched
 
     run = tmp_path / "boundary"
-    run_distrain(["train", *smoke_args(run)], check=True)  # one whole epoch: the checkpoint is at its end
-    proc = run_distrain(["train", *smoke_args(run, **{"train.seed": 5, "train.epochs": 2})], check=True)
-    assert "warning: 'train.seed' changes from 0 to 5, honoured from the resume step on" in proc.stderr
+    run_distrain(["train", *smoke_args(run)], check=True)  # one whole epoch: saved at its end
+    proc = run_distrain(["train", *smoke_args(run, **{"train.seed": 5, "train.epochs": 2})],
+                        check=True)
+    assert ("warning: 'train.seed' changes from 0 to 5, honoured from the resume step on"
+            in proc.stderr)
     assert [e["epoch"] for e in metrics_events(run, "train")] == [0, 1]
     assert yaml.safe_load((run / "config.yaml").read_text())["train"]["seed"] == 5
 
@@ -71,8 +76,10 @@ def test_another_seed_is_refused_mid_epoch_and_honoured_at_an_epoch_boundary(tmp
 def test_refused_optimizer_change_names_the_key(tmp_path):
     run = tmp_path / "run"
     run_distrain(["train", *smoke_args(run)], check=True)
-    proc = run_distrain(["train", *smoke_args(run, **{"train.optimizer": "adamw", "train.epochs": 2})])
-    assert_user_error(proc, "train", "config key 'train.optimizer' changes from 'sgd' to 'adamw'", "resume=none")
+    proc = run_distrain(["train", *smoke_args(run, **{"train.optimizer": "adamw",
+                                                      "train.epochs": 2})])
+    assert_user_error(proc, "train", "config key 'train.optimizer' changes from 'sgd' to 'adamw'",
+                      "resume=none")
     assert yaml.safe_load((run / "config.yaml").read_text())["train"]["optimizer"] == "sgd"
 
 
@@ -80,13 +87,14 @@ def test_the_largest_seed_trains_checkpoints_mid_epoch_and_resumes(tmp_path):
     run = tmp_path / "run"
     top = {"train.seed": 2**32 - 1, "train.epochs": 2, "data.max_train_samples": 200}
     # Stopped mid-epoch 2 (7 steps per epoch), with augmentation on, through the DataLoader path.
-    run_distrain(["train", *smoke_args(run, **top, **{"train.max_steps": 10, "data.loader": "dataloader",
-                                                       "data.num_workers": 1})], check=True)
+    loader = {"data.loader": "dataloader", "data.num_workers": 1}
+    run_distrain(["train", *smoke_args(run, **top, **loader, **{"train.max_steps": 10})],
+                 check=True)
     assert newest_checkpoint(run).name.endswith("step00000010")
-    proc = run_distrain(["train", *smoke_args(run, **top, **{"data.loader": "dataloader", "data.num_workers": 1})],
-                        check=True)
+    proc = run_distrain(["train", *smoke_args(run, **top, **loader)], check=True)
     assert "resumed from" in proc.stderr and "Traceback" not in proc.stderr
-    assert json.loads((newest_checkpoint(run) / "state.json").read_text())["train_state"]["global_step"] == 14
+    meta = json.loads((newest_checkpoint(run) / "state.json").read_text())
+    assert meta["train_state"]["global_step"] == 14
     proc = run_distrain(["train", *smoke_args(tmp_path / "over", **{"train.seed": 2**32})])
     assert_user_error(proc, "train", "'train.seed' must be <= 4294967295")
     assert not (tmp_path / "over").exists()
