@@ -267,7 +267,11 @@ def _coerce(key: str, value: Any, t) -> Any:
     if t is str:
         if isinstance(value, (dict, list)) or value is None:
             raise bad
-        return str(value)
+        value = str(value)
+        if any(ord(c) < 32 or ord(c) == 127 for c in value):  # a pasted newline or tab, never meant
+            raise UserError(f"config key '{key}' must not contain control characters (newline, tab, "
+                            f"...), got {shorten(value)}")
+        return value
     raise bad
 
 
@@ -321,6 +325,8 @@ def _apply_one(obj, name: str, value: Any, prefix: str, src: str) -> None:
         _apply(sub, value, key + ".", src)
         return
     t = _hints(type(obj))[name]
+    if isinstance(value, dict) and not isinstance(value, yamlio.Section):  # `train.lr.x=1`
+        raise _unknown_key(key, value)
     if isinstance(value, yamlio.Scalar):
         value = _from_source(value, t)
     elif isinstance(value, yamlio.Section):

@@ -75,6 +75,16 @@ def test_null_and_home_in_string_keys():
     assert "'output_dir' must be a string" in error_of(load_config, None, ["output_dir=null"])
 
 
+@pytest.mark.parametrize("override, needle", [
+    ("output_dir=a\nb", "must not contain control characters"),
+    ("data.root=a\tb", "must not contain control characters"),
+    ("train.lr.x=1", "unknown config key 'train.lr.x'; did you mean 'train.lr'?"),
+    ("train.lr=0.1 # a comment", "must be a number, got '0.1 # a comment'"),
+])
+def test_odd_overrides(override, needle):
+    assert needle in error_of(load_config, None, [override])
+
+
 @pytest.mark.parametrize("text, value", [("010", 10), ("1_000", 1000), ("+5", 5), (" 7 ", 7),
                                          ("0x10", 16)])
 def test_integers_are_read_as_python_reads_them(text, value):
