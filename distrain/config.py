@@ -226,19 +226,19 @@ def _number(text: str, t, yaml_value: Any) -> Any:
     return text
 
 
-def _coerce(key: str, value: Any, t) -> Any:
-    """Check ``value`` against the annotated type ``t``: its canonical form, or a UserError."""
+def _coerce(key: str, value: Any, t, shown=None) -> Any:
+    """Check ``value`` against the annotated type ``t``: its canonical form, or a UserError.
+
+    ``shown`` is the type that a type mismatch names (an Optional's, for its inner type's check).
+    """
     origin = typing.get_origin(t)
-    bad = UserError(f"config key '{key}' must be {_type_name(t)}, got {shorten(value)}")
+    bad = UserError(f"config key '{key}' must be {_type_name(shown or t)}, got {shorten(value)}")
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(t)
         if value is None and type(None) in args:
             return None
         (inner,) = [a for a in args if a is not type(None)]
-        try:
-            return _coerce(key, value, inner)
-        except UserError as e:
-            raise (e if "finite" in str(e) else bad) from None
+        return _coerce(key, value, inner, shown=t)
     if origin is Literal:
         # YAML reads `no` as False; for precision the user meant the string "no".
         if value is False and "no" in typing.get_args(t):
