@@ -440,7 +440,6 @@ class CheckpointManager:
         elif meta["world_size"] != self.t.world:
             self.t.log(f"warning: world size changes from {meta['world_size']} to {self.t.world} processes with the same "
                        f"global batch {self.t.global_batch}; resuming (per-rank random states are re-derived)")
-        resume_policy.decide_from_meta(meta, cfg.to_dict(), f"checkpoint '{path}'")  # refuses what cannot continue
 
     # -- save -----------------------------------------------------------------------------------
     def save(self, reason: str, accuracy: Optional[float] = None) -> None:
@@ -596,6 +595,9 @@ class CheckpointManager:
         t = self.t
         path = Path(path)
         meta = read_meta(path)
+        # Before any tensor is read: refuse the config changes this checkpoint cannot continue under.
+        for warning in resume_policy.decide_from_meta(meta, t.cfg.to_dict(), f"checkpoint '{path}'").warnings:
+            t.log(f"warning: {warning}")
         model = t.unwrapped()
         sd = _read_tensors(path / "model.safetensors")
         try:
@@ -625,8 +627,6 @@ class CheckpointManager:
             t.scheduler.load_state_dict(sched)
         if scaler is not None and t.accelerator.scaler is not None:
             t.accelerator.scaler.load_state_dict(scaler)
-        for warning in resume_policy.decide_from_meta(meta, t.cfg.to_dict(), f"checkpoint '{path}'").warnings:
-            t.log(f"warning: {warning}")
         apply_optimizer_hparams(t.optimizer, t.scheduler, t.cfg.train, t.cfg.model)  # this run's, not the saved ones
         known = {f.name for f in fields(TrainState)}
         state = TrainState(**{k: v for k, v in meta["train_state"].items() if k in known})
