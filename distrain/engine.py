@@ -34,13 +34,13 @@ from distrain import checkpoint as ckpt
 from distrain.config import Config, dump_config
 from distrain.data.pipeline import InputPipeline, Split, load_split, normalization, prepare_data
 from distrain.data.sampling import EpochPlan, derived_seed
-from distrain.toolchain import check_compile_toolchain
 from distrain.errors import UserError
 from distrain.export import export_model, model_info
 from distrain.metrics import MetricsLogger, confusion_matrix
 from distrain.models import backbone_and_head, build_model, count_parameters
 from distrain.optim import build_optimizer, build_scheduler
 from distrain.progress import Progress
+from distrain.toolchain import check_compile_toolchain
 
 
 # ----------------------------------------------------------------------------------------------------
