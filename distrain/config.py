@@ -275,7 +275,7 @@ def _coerce(key: str, value: Any, t, shown=None) -> Any:
     raise bad
 
 
-def _check_range(key: str, value: Any, meta, t) -> None:
+def _check_range(key: str, value: Any, meta) -> None:
     if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
         return
     meta = meta or {}
@@ -332,7 +332,7 @@ def _apply_one(obj, name: str, value: Any, prefix: str, src: str) -> None:
     elif isinstance(value, yamlio.Section):
         value = yamlio.plain(value)
     value = _coerce(key, value, t)
-    _check_range(key, value, fields[name].metadata, t)
+    _check_range(key, value, fields[name].metadata)
     setattr(obj, name, value)
 
 
