@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import shutil
 import tracemalloc
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from distrain.config import (EVAL_KEYS, Config, all_keys, check_eval_overrides, 
                              expand_paths, load_config, read_run_config)
 from distrain.errors import UserError, shorten, shorten_text
 
+pytestmark = pytest.mark.timeout(120)
 REPO = Path(__file__).resolve().parents[1]
 STRING_KEYS = ["output_dir", "data.root", "resume", "model.weights_path"]
 FLOAT_KEYS = ["train.lr", "train.momentum", "train.weight_decay", "train.label_smoothing",
@@ -321,6 +323,13 @@ def test_eval_keys_are_what_eval_reads_from_the_run():
 
 
 # -- item 24: a compiler for torch.compile -------------------------------------------------------
+
+@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None, reason="no C++ compiler here")
+def test_compile_toolchain_finds_the_compiler_inductor_uses():
+    from distrain.toolchain import check_compile_toolchain
+
+    assert check_compile_toolchain("cpu") == os.environ.get("CXX", "g++")
+
 
 def test_compile_toolchain_messages(monkeypatch, tmp_path):
     from distrain.toolchain import check_compile_toolchain
