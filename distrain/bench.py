@@ -33,7 +33,7 @@ from typing import Optional
 
 import torch
 
-from distrain.config import Config, load_config
+from distrain.config import Config, expand_paths, load_config
 from distrain.errors import UserError
 
 # Dense (no sparsity) bf16 tensor-core peak per GPU, TFLOP/s, from the vendors' data sheets. Matched
@@ -268,7 +268,7 @@ def format_result(r: dict) -> str:
 
 
 def run_bench(args) -> int:
-    cfg = load_config(args.config, args.overrides)
+    cfg = expand_paths(load_config(args.config, args.overrides))
     # Stray prints (libraries, compilers) must not reach stdout: --json owns it.
     with contextlib.redirect_stdout(sys.stderr):
         result = bench(cfg, steps=args.steps, warmup=args.warmup)

@@ -22,6 +22,7 @@ from distrain.data.sampling import EpochPlan, derived_seed
 from distrain.models import backbone_and_head, build_model, count_parameters
 from distrain.optim import build_optimizer, build_scheduler
 from distrain.seeding import seed_everything
+from distrain.toolchain import check_compile_toolchain
 
 EVAL_BATCH_MIN = 256  # evaluation needs no gradients: larger batches, fewer steps
 
@@ -48,6 +49,9 @@ class Components:
 
 def build(cfg: Config, strategy) -> Components:
     """Everything a training step needs, on every rank."""
+    if cfg.model.compile:  # before the data work: torch.compile would fail only at the first step
+        strategy.agree("find a compiler for torch.compile",
+                       lambda: check_compile_toolchain(strategy.device.type))
     if strategy.device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input shapes: cuDNN picks its kernels once
     train_split, test_split = load_data(cfg, strategy)

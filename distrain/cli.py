@@ -88,9 +88,9 @@ def json_line(obj) -> str:
 
 
 def cmd_train(args) -> int:
-    from distrain.config import load_config
+    from distrain.config import expand_paths, load_config
 
-    cfg = load_config(args.config, args.overrides)  # validated before any process group or file work
+    cfg = expand_paths(load_config(args.config, args.overrides))  # validated before any process group or file work
     from distrain import signals
     from distrain.train import run_training
 

@@ -68,32 +68,32 @@ def eval_loop(model, data, strategy, num_classes: int, trace: Optional[list] = N
 # ----------------------------------------------------------------------------------------------------
 # `distrain eval`
 
-EVAL_KEYS = {"data": None, "train": ("batch_size", "seed", "device", "mixed_precision"),
-             "model": ("channels_last",)}
-
-
 def _eval_config(run_cfg: Optional[dict], info: dict, overrides: list[str]):
-    """The config eval runs with: the training run's data keys, the model from its description,
-    then the command line's overrides."""
-    from distrain.config import Config, apply_overrides, config_from_dict
+    """The config eval runs with: the training run's eval keys (config.is_eval_key), the model from
+    its description, then the command line's overrides."""
+    from distrain.config import Config, apply_overrides, config_from_dict, expand_paths, is_eval_key
 
-    keep = {}
-    for section, keys in EVAL_KEYS.items():
-        part = (run_cfg or {}).get(section) or {}
-        keep[section] = dict(part) if keys is None else {k: v for k, v in part.items() if k in keys}
+    keep: dict = {}
+    for section, part in (run_cfg or {}).items():
+        if isinstance(part, dict):
+            kept = {k: v for k, v in part.items() if is_eval_key(f"{section}.{k}")}
+            if kept:
+                keep[section] = kept
     cfg = config_from_dict(keep) if run_cfg else Config()
     cfg.model.name, cfg.model.num_classes = info["architecture"], info["num_classes"]
     cfg.model.input_size = info["input_size"][-1]
     cfg.model.pretrained, cfg.model.weights_path = False, None
-    return apply_overrides(cfg, overrides)
+    return expand_paths(apply_overrides(cfg, overrides))
 
 
 def run_eval(path: str, overrides: list[str], confusion_dir: Optional[str] = None) -> Optional[dict]:
     """The test split through a trained model, on any world size; the result on the main process."""
     from distrain.data.pipeline import InputPipeline, load_split, prepare_data
     from distrain.distributed import Strategy, resolve_runtime
+    from distrain.config import check_eval_overrides
     from distrain.export import load_model
 
+    check_eval_overrides(overrides)  # eval takes data-ish keys only; the model comes from the checkpoint
     loaded = load_model(path)
     info = loaded.info
     cfg = _eval_config(loaded.config, info, overrides)

@@ -30,6 +30,7 @@ from torch import nn
 
 from distrain import __version__
 from distrain import ckpt_format as fmt
+from distrain.config import read_run_config
 from distrain.errors import UserError
 from distrain.fsio import TEMP_PREFIX, atomic_write_bytes, clean_temporaries
 from distrain.images import eval_resize
@@ -233,7 +234,7 @@ def _load_export(weights: Path) -> LoadedModel:
         return fallback
     model = build_from_state(info, sd, weights)
     cfg_path = weights.parent / "config.yaml"
-    return LoadedModel(model, info, weights, _read_yaml(cfg_path) if cfg_path.is_file() else None)
+    return LoadedModel(model, info, weights, read_run_config(cfg_path) if cfg_path.is_file() else None)
 
 
 def load_model(path: str) -> LoadedModel:
@@ -257,20 +258,6 @@ def load_model(path: str) -> LoadedModel:
     if loaded is None:
         raise UserError(f"'{path}' holds neither {MODEL_FILE} nor a distrain checkpoint")
     return loaded
-
-
-def _read_yaml(path: Path) -> dict:
-    """The run's config.yaml as a mapping; a UserError naming it when it is not one."""
-    import yaml
-
-    try:
-        doc = yaml.safe_load(Path(path).read_bytes().decode("utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        raise UserError(f"'{path}' is not a readable run configuration ({type(e).__name__}); fix "
-                        f"or delete it (eval and predict only read its data settings)") from None
-    if not isinstance(doc, dict):
-        raise UserError(f"'{path}' is not a YAML mapping of config sections; fix or delete it")
-    return doc
 
 
 def load_for_inference(path: Path) -> Optional[LoadedModel]:

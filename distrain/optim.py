@@ -29,13 +29,35 @@ def param_groups(model: nn.Module, train: TrainConfig, mcfg: ModelConfig) -> lis
         groups.setdefault(key, []).append(p)
     out = []
     for (is_bb, no_decay), params in sorted(groups.items()):
-        out.append({
-            "params": params,
-            "lr": train.lr * (mcfg.backbone_lr_mult if is_bb else 1.0),
-            "weight_decay": 0.0 if no_decay else train.weight_decay,
-            "name": ("backbone" if is_bb else "head") + ("_no_decay" if no_decay else ""),
-        })
+        name = ("backbone" if is_bb else "head") + ("_no_decay" if no_decay else "")
+        out.append({"params": params, **group_hparams(name, train, mcfg), "name": name})
     return out
+
+
+def group_hparams(name: str, train: TrainConfig, mcfg: ModelConfig) -> dict:
+    """The lr and weight decay of the parameter group called ``name`` (see `param_groups`)."""
+    return {"lr": train.lr * (mcfg.backbone_lr_mult if name.startswith("backbone") else 1.0),
+            "weight_decay": 0.0 if name.endswith("_no_decay") else train.weight_decay}
+
+
+def apply_optimizer_hparams(optimizer, scheduler, train: TrainConfig, mcfg: ModelConfig) -> None:
+    """Set this config's lr, momentum, weight decay and nesterov into ``optimizer`` after a resume.
+
+    Loading an optimizer's state restores the hyper-parameters of the run that saved it; a resumed
+    run trains with its own (see resume_policy). The schedule keeps its position: each group's lr is
+    its new base lr times the schedule's factor at the current step; the scheduler's base lrs
+    follow.
+    """
+    for i, group in enumerate(optimizer.param_groups):
+        hp = group_hparams(group.get("name", ""), train, mcfg)
+        group["weight_decay"] = hp["weight_decay"]
+        if train.optimizer == "sgd":
+            group["momentum"] = train.momentum
+            group["nesterov"] = train.nesterov and train.momentum > 0
+        group["initial_lr"] = scheduler.base_lrs[i] = hp["lr"]
+        group["lr"] = hp["lr"] * scheduler.lr_lambdas[i](scheduler.last_epoch)
+    # get_last_lr() (logged as `lr`) reads this; the next scheduler.step() sets it the same way.
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
 
 
 def build_optimizer(model: nn.Module, train: TrainConfig, mcfg: ModelConfig, device_type: str = "cpu") -> torch.optim.Optimizer:

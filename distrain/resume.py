@@ -20,9 +20,11 @@ from typing import Callable, Optional
 import torch
 
 from distrain import ckpt_format as fmt
+from distrain import resume_policy
 from distrain.config import Config
 from distrain.data.sampling import EpochPlan, derived_seed
 from distrain.errors import UserError
+from distrain.optim import apply_optimizer_hparams
 from distrain.seeding import seed_everything
 from distrain.state import PER_RANK_FIELDS, TrainState
 
@@ -130,12 +132,16 @@ def restore(path: Path, t: Targets, log: Callable[[str], None]) -> tuple[TrainSt
     """Restore everything from ``path``; returns (TrainState, the checkpoint's meta)."""
     path = Path(path)
     meta = fmt.read_meta(path)
+    # Before any tensor is read: refuse the config changes this checkpoint cannot continue under.
+    for warning in resume_policy.decide_from_meta(meta, t.cfg.to_dict(), f"checkpoint '{path}'").warnings:
+        log(f"warning: {warning}")
     sd = fmt.read_tensors(path / "model.safetensors")
     try:
         t.model.load_state_dict(sd, strict=True)
     except RuntimeError as e:
         raise UserError(f"checkpoint '{path}' does not fit the model: {str(e).splitlines()[0]}") from None
     _restore_optimizer(path, meta, t)
+    apply_optimizer_hparams(t.optimizer, t.scheduler, t.cfg.train, t.cfg.model)  # this run's values
     state = TrainState.from_record(meta["train_state"])
     state.finished = False  # the (possibly longer) schedule of this run decides
     rank, world = t.strategy.rank, t.strategy.world
