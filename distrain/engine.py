@@ -236,7 +236,8 @@ class Trainer:
         self.ckpts = ckpt.CheckpointManager(self.run_dir / "checkpoints", self)
         self._agree("clean up interrupted checkpoint writes", self.ckpts.clean_temporaries, main_only=True)
         self.build()
-        self.metrics = MetricsLogger(self.run_dir, enabled=self.is_main, tensorboard=cfg.log.tensorboard)
+        self.metrics = MetricsLogger(self.run_dir, enabled=self.is_main, tensorboard=cfg.log.tensorboard,
+                                     log_cfg=cfg.log, warn=self.log)
 
         resumed = self._agree("find a checkpoint to resume", self.ckpts.find_resume)
         if resumed is not None:
@@ -420,6 +421,7 @@ class Trainer:
             st.finished = last
             self.ckpts.save(reason="final" if last else "epoch", accuracy=result["accuracy"] if result else None)
         self.export()
+        self.metrics.artifact(self.run_dir / "model.safetensors", self.run_dir / "model.json")
         self.summary(time.time() - t_start)
         return 0
 
