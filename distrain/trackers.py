@@ -56,7 +56,13 @@ def check_installed(names) -> None:
     """UserError naming the extra when a configured tracker's library cannot be imported."""
     for name in names:
         module, extra = LIBRARIES.get(name, (None, None))
-        if module and importlib.util.find_spec(module) is None:
+        if module is None:
+            continue
+        try:  # looked up, not imported: importing MLflow or W&B takes seconds on every rank
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
             raise UserError(f"config key 'log.trackers': {name} is not installed; install it with "
                             f"pip install 'distrain[{extra}]' (or remove {name} from log.trackers)")
 
