@@ -1,5 +1,5 @@
-"""Trackers beside TensorBoard, on real runs: metrics.csv row by row, W&B offline, an MLflow server that
-is down, a tracker library that is not installed, and the log.trackers key.
+"""Trackers beside TensorBoard, on real runs: metrics.csv row by row, W&B offline, an MLflow server
+that is down, a tracker library that is not installed, and the log.trackers key.
 
 (The real MLflow tracking server tests are in test_trackers_mlflow.py.)
 """
@@ -40,7 +40,8 @@ def test_csv_rows_are_the_runs_story_in_order(tmp_path):
     _ok(_train(run, **{"train.epochs": 2, "log.trackers": "[csv]"}))
     rows = list(csv.DictReader((run / "metrics.csv").open()))
     assert list(rows[0]) == list(CsvFile.COLUMNS)
-    filled = [(int(r["step"]), sorted(k for k, v in r.items() if v and k not in ("step", "time_utc")))
+    meta = ("step", "time_utc")
+    filled = [(int(r["step"]), sorted(k for k, v in r.items() if v and k not in meta))
               for r in rows]
     interval = ["train/images_per_s", "train/loss", "train/lr"]
     epoch = ["train/epoch_accuracy", "train/epoch_loss"]
@@ -56,24 +57,26 @@ def test_csv_rows_are_the_runs_story_in_order(tmp_path):
         [(repr(e["loss"]), repr(e["accuracy"])) for e in trains]
     assert [(r["eval/loss"], r["eval/accuracy"]) for r in (rows[3], rows[7])] == \
         [(repr(e["loss"]), repr(e["accuracy"])) for e in evals]
-    assert (rows[8]["hparam/final_accuracy"], rows[8]["hparam/best_accuracy"], rows[8]["hparam/final_loss"]) \
-        == (repr(end["final_accuracy"]), repr(end["best_accuracy"]), repr(evals[-1]["loss"]))
+    assert [rows[8][f"hparam/{k}"] for k in ("final_accuracy", "best_accuracy", "final_loss")] \
+        == [repr(end["final_accuracy"]), repr(end["best_accuracy"]), repr(evals[-1]["loss"])]
     assert float(rows[0]["train/lr"]) > 0 and float(rows[0]["train/images_per_s"]) > 0
     assert not (run / "tb").exists()  # log.trackers without tensorboard: no event files
 
 
 def test_csv_appends_under_its_header_after_a_torn_row(tmp_path):
     path = tmp_path / "metrics.csv"
-    path.write_text("time_utc,step,eval/accuracy\n2026-01-01 00:00:00,4,0.5\n2026-01-01 00:00:01,8,0.")
+    old = ["time_utc,step,eval/accuracy", "2026-01-01 00:00:00,4,0.5", "2026-01-01 00:00:01,8,0."]
+    path.write_text("\n".join(old))  # the last row torn by a crash
     CsvFile(tmp_path).metrics({"eval/accuracy": 0.75, "train/loss": 1.0}, step=12)
     lines = path.read_text().splitlines()
-    assert lines[:3] == ["time_utc,step,eval/accuracy", "2026-01-01 00:00:00,4,0.5", "2026-01-01 00:00:01,8,0."]
+    assert lines[:3] == old
     assert re.fullmatch(r"\S+ \S+,12,0\.75", lines[3]) and len(lines) == 4
 
 
 # -- W&B offline ----------------------------------------------------------------------------------
 def _wandb_records(path: Path) -> list:
-    """The protobuf records of a W&B offline run file (LevelDB log format: 32 KiB blocks, 7-byte headers)."""
+    """The protobuf records of a W&B offline run file (LevelDB log format: 32 KiB blocks of
+    records with 7-byte headers)."""
     from wandb.proto import wandb_internal_pb2 as pb
 
     data, pos, part, out = path.read_bytes(), 7, b"", []
@@ -84,7 +87,8 @@ def _wandb_records(path: Path) -> list:
             continue
         _crc, n, kind = struct.unpack("<IHB", data[pos:pos + 7])
         chunk, pos = data[pos + 7:pos + 7 + n], pos + 7 + n
-        part = chunk if kind in (1, 2) else part + chunk  # FULL/FIRST start a record, MIDDLE/LAST extend it
+        # FULL/FIRST start a record, MIDDLE/LAST extend it.
+        part = chunk if kind in (1, 2) else part + chunk
         if kind in (1, 4):
             rec = pb.Record()
             rec.ParseFromString(part)
@@ -95,8 +99,10 @@ def _wandb_records(path: Path) -> list:
 @pytest.mark.slow
 def test_wandb_offline_run_holds_config_metrics_tags_and_model(tmp_path):
     run = tmp_path / "run"
-    env = subprocess_env(WANDB_MODE="offline", WANDB_SILENT="true", WANDB_CONFIG_DIR=tmp_path / "wandb-cfg")
-    _ok(_train(run, env=env, **{"train.epochs": 2, "log.trackers": "[wandb]", "log.experiment": "sweep"}))
+    env = subprocess_env(WANDB_MODE="offline", WANDB_SILENT="true",
+                         WANDB_CONFIG_DIR=tmp_path / "wandb-cfg")
+    _ok(_train(run, env=env, **{"train.epochs": 2, "log.trackers": "[wandb]",
+                                "log.experiment": "sweep"}))
     (offline,) = glob.glob(str(run / "wandb" / "offline-run-*"))
     (run_file,) = glob.glob(f"{offline}/run-*.wandb")
     recs = _wandb_records(Path(run_file))
@@ -109,16 +115,19 @@ def test_wandb_offline_run_holds_config_metrics_tags_and_model(tmp_path):
     history = {}
     for r in recs:
         if r.WhichOneof("record_type") == "history":
-            items = {"/".join(i.nested_key) or i.key: json.loads(i.value_json) for i in r.history.item}
+            items = {"/".join(i.nested_key) or i.key: json.loads(i.value_json)
+                     for i in r.history.item}
             history[items["_step"]] = items
     evals = metrics_events(run, "eval")
     assert [history[e["step"]]["eval/accuracy"] for e in evals] == [e["accuracy"] for e in evals]
     assert history[4]["train/loss"] > 0 and history[8]["eval/confusion_matrix/count"] == 1
     media = Path(offline) / "files" / "media" / "images"
-    assert glob.glob(f"{media}/eval/confusion_matrix_8_*.png") and glob.glob(f"{media}/train/augmented_batch_0_*")
+    assert glob.glob(f"{media}/eval/confusion_matrix_8_*.png")
+    assert glob.glob(f"{media}/train/augmented_batch_0_*.png")
     end = metrics_events(run, "end")[0]
     assert history[16]["hparam/final_accuracy"] == end["final_accuracy"]
-    assert (Path(offline) / "files" / "model.safetensors").read_bytes() == (run / "model.safetensors").read_bytes()
+    saved = Path(offline) / "files" / "model.safetensors"
+    assert saved.read_bytes() == (run / "model.safetensors").read_bytes()
     exits = [r.exit for r in recs if r.WhichOneof("record_type") == "exit"]
     assert exits and exits[-1].exit_code == 0
 
@@ -131,7 +140,8 @@ def test_mlflow_server_down_warns_once_and_training_completes(tmp_path):
     proc = _ok(_train(run, **{"log.trackers": "[tensorboard,mlflow,csv]", "log.tensorboard": "true",
                               "log.mlflow_uri": uri}))
     warnings = [l for l in proc.stderr.splitlines() if l.startswith("warning:")]
-    assert len(warnings) == 1 and "mlflow" in warnings[0] and uri in warnings[0], proc.stderr[-3000:]
+    assert len(warnings) == 1, proc.stderr[-3000:]
+    assert "mlflow" in warnings[0] and uri in warnings[0]
     assert metrics_events(run, "end") and len(metrics_events(run, "eval")) == 1
     assert glob.glob(str(run / "tb" / "events.out.tfevents.*")) and (run / "metrics.csv").is_file()
     assert not (run / "trackers.json").exists()  # no tracker run to continue
