@@ -23,15 +23,24 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
-import torch
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported where it is used: reading records (`distrain runs`) must not wait seconds for it.
+
+
+def _is_tensor(v: Any) -> bool:
+    torch = sys.modules.get("torch")  # without torch imported there is no tensor
+    return torch is not None and isinstance(v, torch.Tensor)
 
 
 def _plain(v: Any) -> Any:
-    if isinstance(v, torch.Tensor):
+    if _is_tensor(v):
         v = v.item() if v.numel() == 1 else v.tolist()
     if isinstance(v, float) and not math.isfinite(v):
         return None if math.isnan(v) else (1e308 if v > 0 else -1e308)
@@ -114,7 +123,7 @@ class MetricsLogger:
             return
         clean = {}
         for k, v in values.items():
-            if isinstance(v, torch.Tensor):
+            if _is_tensor(v):
                 v = v.item()
             if v is not None:
                 clean[k] = float(v)
@@ -140,6 +149,7 @@ class MetricsLogger:
         """Normalised (N, C, H, W) images, de-normalised with ``mean``/``std`` (0..1 scale), as one grid image."""
         if not self.active or images is None or len(images) == 0:
             return
+        import torch
         from torchvision.utils import make_grid
 
         x = images[:max_images].detach().float().cpu()
@@ -171,6 +181,8 @@ class MetricsLogger:
 
     def gpu_memory(self, step: int, device) -> None:
         """Peak and current GPU memory (MiB) of this process since the last call, on CUDA only."""
+        import torch
+
         if not self.active or torch.device(device).type != "cuda":
             return
         mib = 1024 * 1024
@@ -238,6 +250,8 @@ def read_metrics(path: Path) -> list[dict]:
 
 def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
     """(num_classes, num_classes) counts, rows = true class, columns = predicted class."""
+    import torch
+
     k = target * num_classes + pred
     return torch.bincount(k, minlength=num_classes * num_classes).view(num_classes, num_classes)
 

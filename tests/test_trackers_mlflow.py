@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import (distrain_cmd, free_port, metrics_events, run_distrain, smoke_args,
-                      subprocess_env, wait_for_first_checkpoint)
+from conftest import (free_port, metrics_events, run_distrain, smoke_args, subprocess_env,
+                      train_until_sigterm)
 from distrain.signals import EXIT_STOPPED
 from distrain.trackers import flatten
 
@@ -126,21 +126,8 @@ def test_a_stopped_and_resumed_run_is_one_mlflow_run(tmp_path, mlflow_uri):
     run = tmp_path / "run"
     args = ["train", f"output_dir={run}", f"log.mlflow_uri={mlflow_uri}",
             *(f"{k}={v}" for k, v in STOP_CFG.items())]
-    log_path = tmp_path / "first.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(distrain_cmd(args), env=subprocess_env(), stdout=log,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True)
-    try:
-        wait_for_first_checkpoint(
-            run, lambda: None if proc.poll() is None else f"training exited {proc.returncode}",
-            lambda: "\n" + log_path.read_text()[-4000:])
-        os.killpg(proc.pid, signal.SIGTERM)
-        assert proc.wait(60) == EXIT_STOPPED, log_path.read_text()[-4000:]
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    rc = train_until_sigterm(args, run, tmp_path / "first.log")
+    assert rc == EXIT_STOPPED, (tmp_path / "first.log").read_text()[-4000:]
     stop = [e for e in metrics_events(run, "checkpoint") if e["reason"] == "stop"][0]["step"]
     client = _client(mlflow_uri)
     run_id = _run_id(run)
