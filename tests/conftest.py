@@ -155,7 +155,7 @@ def cached_run_weights(tmp_path_factory, name: str, args_for, nprocs: int = 1) -
 
 def train_until_sigterm(args: list[str], run_dir: Path, log_path: Path) -> int:
     """`distrain ARGS` in a session of its own, SIGTERM to its group at its first checkpoint; the
-    exit code. Output goes to ``log_path`` (no pipe to fill up); a run alive a minute later is killed.
+    exit code. Output goes to ``log_path`` (no pipe to fill up); one alive a minute later is killed.
     """
     import signal
 

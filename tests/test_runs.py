@@ -1,5 +1,5 @@
-"""`distrain runs` on the four kinds of run a SLURM array leaves: a finished run and a run stopped by
-SIGTERM (both real), a diverged run (its metrics.jsonl written here: the `diverged` record is the
+"""`distrain runs` on the four kinds of run a SLURM array leaves: a finished run and a run stopped
+by SIGTERM (both real), a diverged run (its metrics.jsonl written here: the `diverged` record is the
 trainer's) and a run in progress (its lock held here, its last line torn), plus one run outside the
 array. The table, JSON, CSV, sorting, the glob, and the plot.
 """
@@ -55,7 +55,7 @@ def array(tmp_path_factory):
     assert rc == EXIT_STOPPED, (root / "stopped.log").read_text()[-4000:]
     recs = read_jsonl(done / "metrics.jsonl")
     first_eval = next(i for i, r in enumerate(recs) if r["event"] == "eval")
-    # Diverged: the loss went non-finite in the first epoch (NaN is written as null) and the run ended.
+    # Diverged: the loss went non-finite in the first epoch (NaN is written as null); the run ended.
     diverged = [*recs[:first_eval - 1], {**recs[first_eval - 1], "loss": None},
                 {"event": "diverged", "step": recs[first_eval]["step"], "loss": None,
                  "time": recs[first_eval]["time"]}]
@@ -105,11 +105,12 @@ def test_statuses_accuracies_and_differing_keys(array):
 @pytest.mark.slow
 def test_table_sort_csv_and_a_folder_of_runs(array):
     table = _runs_cli(array / "slurm-123_*", "--sort=-best_accuracy").stdout.splitlines()
-    assert table[0].split() == ["name", "status", "model", "data", "world_size", "global_batch", "lr",
-                                "epochs", "best_accuracy", "final_accuracy", "wall", "images_per_s",
-                                "train.seed"]
+    assert table[0].split() == ["name", "status", "model", "data", "world_size", "global_batch",
+                                "lr", "epochs", "best_accuracy", "final_accuracy", "wall",
+                                "images_per_s", "train.seed"]
     rows = json.loads(_runs_cli(array / "slurm-123_*", "--json").stdout)
-    best = sorted((r for r in rows if r["best_accuracy"] is not None), key=lambda r: -r["best_accuracy"])
+    best = sorted((r for r in rows if r["best_accuracy"] is not None),
+                  key=lambda r: -r["best_accuracy"])
     want = [r["name"] for r in best] + [r["name"] for r in rows if r["best_accuracy"] is None]
     assert [line.split()[0] for line in table[1:]] == want
     line = {line.split()[0]: line.split() for line in table[1:]}
