@@ -703,7 +703,7 @@ class Trainer:
             f"  checkpoints {d / 'checkpoints'}",
             f"  metrics     {d / 'metrics.jsonl'}",
         ]
-        if self.cfg.log.tensorboard:
+        if self.cfg.log.tensorboard and "tensorboard" in self.cfg.log.trackers:
             lines.append(f"  tensorboard tensorboard --logdir {d / 'tb'}")
         lines.append(f"  next        distrain eval --checkpoint {d}   |   distrain predict --checkpoint {d} IMAGE ...")
         self.log("\n".join(lines))
