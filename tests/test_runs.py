@@ -155,3 +155,13 @@ def test_bad_arguments_are_one_line_errors(tmp_path):
         proc = _runs_cli(*args, check=False)
         assert proc.returncode == 2 and words in proc.stderr and "Traceback" not in proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1 and proc.stdout == ""
+
+
+def test_help_lists_the_options(capsys):
+    from distrain import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["runs", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert all(opt in out for opt in ("--sort", "--json", "--csv", "--plot", "RUN", "slurm-123_*"))
