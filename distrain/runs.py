@@ -271,7 +271,7 @@ def legend_label(run: Run, name: str, keys: list[str], most: int = 4) -> str:
 def _curve(run: Run, event: str, field: str) -> tuple[list, list]:
     pts = [(r["step"], _finite(r.get(field))) for r in run.records
            if r.get("event") == event and isinstance(r.get("step"), int)]
-    pts = [(s, v) for s, v in pts if v is not None]
+    pts = [(s, v) for s, v in pts if v is not None and (field != "loss" or v > 0)]  # log axis
     return [s for s, _ in pts], [v for _, v in pts]
 
 
@@ -296,7 +296,9 @@ def make_figure(runs: list[Run], names: list[str]):
         acc.plot(*_curve(run, "eval", "accuracy"), **style)
         loss.plot(*_curve(run, "train", "loss"), **style)
     acc.set(title="evaluation accuracy", xlabel="optimizer step", ylabel="accuracy")
-    loss.set(title="training loss (epoch mean)", xlabel="optimizer step", ylabel="loss")
+    # Log scale: a diverging run's loss (1e7, say) must not flatten the others' curves.
+    loss.set(title="training loss (epoch mean)", xlabel="optimizer step", ylabel="loss (log scale)",
+             yscale="log")
     for ax in (acc, loss):
         ax.grid(alpha=0.3)
     fig.legend(*acc.get_legend_handles_labels(), loc="outside lower center",
