@@ -10,6 +10,7 @@ import csv
 import glob
 import json
 import re
+import shutil
 import struct
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import pytest
 from conftest import free_port, metrics_events, run_distrain, smoke_args, subprocess_env
 from distrain.config import load_config
 from distrain.errors import UserError
-from distrain.trackers import CsvFile
+from distrain.trackers import CsvFile, Guarded
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -73,6 +74,20 @@ def test_csv_appends_under_its_header_after_a_torn_row(tmp_path):
     assert re.fullmatch(r"\S+ \S+,12,0\.75", lines[3]) and len(lines) == 4
 
 
+def test_a_failing_tracker_warns_once_and_is_switched_off(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    warnings = []
+    guarded = Guarded(CsvFile(run), warnings.append)
+    guarded.call("metrics", {"eval/accuracy": 0.5}, 4)
+    shutil.rmtree(run)  # the file system goes away under the run
+    for step in (8, 12):
+        guarded.call("metrics", {"eval/accuracy": 0.5}, step)
+    assert len(warnings) == 1 and not guarded.on
+    assert "csv: metrics failed (FileNotFoundError" in warnings[0]
+    assert "tracking is off for the rest of this run" in warnings[0]
+
+
 # -- W&B offline ----------------------------------------------------------------------------------
 def _wandb_records(path: Path) -> list:
     """The protobuf records of a W&B offline run file (LevelDB log format: 32 KiB blocks of
@@ -99,8 +114,10 @@ def _wandb_records(path: Path) -> list:
 @pytest.mark.slow
 def test_wandb_offline_run_holds_config_metrics_tags_and_model(tmp_path):
     run = tmp_path / "run"
+    # Task 1 of SLURM array job 4711 (job id 4712): the tags name it.
     env = subprocess_env(WANDB_MODE="offline", WANDB_SILENT="true",
-                         WANDB_CONFIG_DIR=tmp_path / "wandb-cfg")
+                         WANDB_CONFIG_DIR=tmp_path / "wandb-cfg", SLURM_JOB_ID=4712,
+                         SLURM_ARRAY_JOB_ID=4711, SLURM_ARRAY_TASK_ID=1)
     _ok(_train(run, env=env, **{"train.epochs": 2, "log.trackers": "[wandb]",
                                 "log.experiment": "sweep"}))
     (offline,) = glob.glob(str(run / "wandb" / "offline-run-*"))
@@ -111,7 +128,9 @@ def test_wandb_offline_run_holds_config_metrics_tags_and_model(tmp_path):
     assert runs[0].run_id == json.loads((run / "trackers.json").read_text())["wandb"]["run_id"]
     config = {u.key: json.loads(u.value_json) for u in runs[-1].config.update}
     assert config["train"]["lr"] == 0.01 and config["data"]["name"] == "synthetic"
-    assert {"world_size=1", "device=cpu", "precision=no"} <= set(runs[-1].tags)
+    assert {"world_size=1", "device=cpu", "precision=no", "global_batch=32", "slurm_job=4711_1",
+            "slurm_job_id=4712", "slurm_array_job_id=4711", "slurm_array_task_id=1"} \
+        <= set(runs[-1].tags)
     history = {}
     for r in recs:
         if r.WhichOneof("record_type") == "history":
