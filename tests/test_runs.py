@@ -17,7 +17,7 @@ import yaml
 
 from conftest import metrics_events, read_jsonl, run_distrain, train_until_sigterm
 from distrain.runlock import RunLock
-from distrain.runs import COLUMNS, find_runs, load_run, make_figure, rows_for
+from distrain.runs import COLUMNS, find_runs, load_run, make_figure, rows_for, status
 from distrain.signals import EXIT_STOPPED
 
 pytestmark = pytest.mark.timeout(400)
@@ -165,3 +165,22 @@ def test_help_lists_the_options(capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert all(opt in out for opt in ("--sort", "--json", "--csv", "--plot", "RUN", "slurm-123_*"))
+
+
+@pytest.mark.parametrize("events, want", [
+    # stopped, resumed, finished
+    (["start", "train", "checkpoint:stop", "start", "train", "end"], "finished"),
+    (["start", "train", "end", "start"], "failed"),  # the last start said nothing yet, and no lock
+    (["start", "checkpoint:epoch", "stopped"], "stopped"),
+    (["start", "train", "checkpoint:stop"], "stopped"),  # written before the `stopped` record
+    (["start", "diverged"], "diverged"),
+    ([], "failed"),
+])
+def test_status_comes_from_the_records_since_the_last_start(tmp_path, events, want):
+    recs = []
+    for i, e in enumerate(events):
+        kind, _, reason = e.partition(":")
+        rec = {"event": kind, "step": i, "time": 1000.0 + i}
+        recs.append({**rec, "reason": reason} if reason else rec)
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    assert status(load_run(tmp_path)) == want
