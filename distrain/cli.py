@@ -1,7 +1,8 @@
-"""The `distrain` command: train, eval, predict, bench.
+"""The `distrain` command: train, eval, predict, bench, runs.
 
 User errors (`UserError`) end with one line on stderr and exit code 2, on every rank; anything else is a
-bug and keeps its traceback (exit 1). `--json` output is the only thing ever written to stdout.
+bug and keeps its traceback (exit 1). Only results go to stdout: `--json` output, and the table or
+CSV of `distrain runs`; messages go to stderr.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 import math
 import os
 import sys
+from pathlib import Path
 from typing import Optional
 
 from distrain import __version__
@@ -68,13 +70,29 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--steps", type=int, default=30, help="timed steps (after warm-up)")
     b.add_argument("--warmup", type=int, default=5, help="warm-up steps")
     b.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+
+    _add_runs_parser(sub, fmt)
     return p
+
+
+def _add_runs_parser(sub, fmt) -> None:
+    r = sub.add_parser(
+        "runs", help="compare run directories: a table, JSON, CSV or a plot", formatter_class=fmt,
+        description="One row per run directory: model, data, world size, global batch, lr, epochs, "
+                    "status (running/finished/stopped/diverged/failed), best and final accuracy, "
+                    "wall time, images/s, and the config keys that differ between the runs. RUN: a "
+                    "run directory, a folder of them, or a glob (quote it: 'runs/slurm-123_*').")
+    r.add_argument("runs", nargs="+", metavar="RUN")
+    r.add_argument("--sort", metavar="KEY", help="sort by a column (a --json key such as "
+                   "best_accuracy, or a differing config key); --sort=-KEY for descending")
+    r.add_argument("--json", action="store_true", help="print the rows as JSON on stdout")
+    r.add_argument("--csv", action="store_true", help="print the rows as CSV on stdout")
+    r.add_argument("--plot", metavar="FILE.png",
+                   help="also draw eval accuracy and train loss against the step into FILE.png")
 
 
 def json_line(obj) -> str:
     """Strict JSON (never a bare NaN or Infinity, which JSON parsers reject): non-finite -> null."""
-    import math
-
     def clean(v):
         if isinstance(v, float) and not math.isfinite(v):
             return None
@@ -90,7 +108,10 @@ def json_line(obj) -> str:
 def cmd_train(args) -> int:
     from distrain.config import expand_paths, load_config
 
-    cfg = expand_paths(load_config(args.config, args.overrides))  # validated before any process group or file work
+    # Validated before any process group or file work.
+    cfg = expand_paths(load_config(args.config, args.overrides))
+    if cfg.log.experiment is None:  # MLflow experiment / W&B project: named after the recipe
+        cfg.log.experiment = Path(args.config).stem if args.config else "distrain"
     from distrain import signals
     from distrain.train import run_training
 
@@ -144,6 +165,13 @@ def cmd_bench(args) -> int:
     return run_bench(args)
 
 
+def cmd_runs(args) -> int:
+    from distrain.runs import main as runs_main
+
+    return runs_main(args.runs, sort=args.sort, as_json=args.json, as_csv=args.csv,
+                     plot_path=args.plot)
+
+
 def _rank_prefix() -> str:
     rank = os.environ.get("RANK")
     world = os.environ.get("WORLD_SIZE")
@@ -189,7 +217,8 @@ def _report_to_launcher(msg: str) -> None:
 def main(argv: Optional[list[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    handlers = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "bench": cmd_bench}
+    handlers = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "bench": cmd_bench,
+                "runs": cmd_runs}
     try:
         code = handlers[args.command](args)
     except UserError as e:

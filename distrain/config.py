@@ -105,6 +105,16 @@ class LogConfig:
     # bar: a live bar on a terminal; lines: one plain line per interval; auto: bar on a TTY.
     progress: Literal["auto", "bar", "lines", "none"] = "auto"
     tensorboard: bool = True
+    # Where metrics go besides metrics.jsonl (always written): tensorboard (<output_dir>/tb; needs
+    # log.tensorboard too), csv (<output_dir>/metrics.csv), mlflow, wandb. Main process only.
+    trackers: list[Literal["tensorboard", "csv", "mlflow", "wandb"]] = field(
+        default_factory=lambda: ["tensorboard"])
+    # MLflow server or store; null: $MLFLOW_TRACKING_URI, else SQLite in <output_dir>/mlruns.
+    mlflow_uri: Optional[str] = None
+    # MLflow experiment / W&B project; null: the config file's name (`-c FILE`), else "distrain".
+    experiment: Optional[str] = None
+    # The run's name in MLflow / W&B; null: the name of output_dir.
+    run_name: Optional[str] = None
     # Write the dataset indices each rank used, in order, to <output_dir>/trace/ (auditing order and
     # sharding).
     trace_samples: bool = False
@@ -181,6 +191,8 @@ def _type_name(t) -> str:
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(t) if a is not type(None)]
         return " or ".join(_type_name(a) for a in args) + " or null"
+    if origin is list:
+        return "a list of " + _type_name(typing.get_args(t)[0])
     names = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
     return names.get(t, str(t))
 
@@ -248,6 +260,13 @@ def _coerce(key: str, value: Any, t, shown=None) -> Any:
         if not isinstance(value, str) or value not in typing.get_args(t):
             raise bad
         return value
+    if origin is list:  # a YAML list, or one item written alone (`log.trackers=mlflow`)
+        items = value if isinstance(value, list) else [value]
+        (item_type,) = typing.get_args(t)
+        try:
+            return [_coerce(key, v, item_type) for v in items]
+        except UserError:
+            raise bad from None
     if t is bool:
         if isinstance(value, bool):
             return value

@@ -55,7 +55,7 @@ def summary_lines(t, seconds: float) -> list[str]:
         f"  checkpoints {d / 'checkpoints'}",
         f"  metrics     {d / 'metrics.jsonl'}",
     ]
-    if t.cfg.log.tensorboard:
+    if t.cfg.log.tensorboard and "tensorboard" in t.cfg.log.trackers:
         lines.append(f"  tensorboard tensorboard --logdir {d / 'tb'}")
     lines.append(f"  next        distrain eval --checkpoint {d}   |   "
                  f"distrain predict --checkpoint {d} IMAGE ...")

@@ -41,7 +41,10 @@ def run_training(cfg: Config, signals=None) -> int:
             progress.write(note)
         parts = build(cfg, strategy)
         path = Path(cfg.output_dir)
-        metrics = MetricsLogger(path, enabled=strategy.is_main, tensorboard=cfg.log.tensorboard)
+        # A tracker that is not installed fails every rank before training, not the main one alone.
+        metrics = strategy.agree("start the trackers", lambda: MetricsLogger(
+            path, enabled=strategy.is_main, tensorboard=cfg.log.tensorboard, log_cfg=cfg.log,
+            warn=progress.write))
         store = CheckpointStore(path / "checkpoints", cfg.checkpoint.keep_last, cfg.checkpoint.keep_best,
                                 log=progress.write)
         info = model_info(cfg, parts.train_split.classes, *parts.mean_std)

@@ -317,7 +317,7 @@ class Trainer:
 
         self.strategy.barrier()
         self.strategy.agree("export the model", write, main_only=True)
-        self.metrics.artifact(self.run.path / "model.safetensors")
+        self.metrics.artifact(self.run.path / "model.safetensors", self.run.path / "model.json")
 
     def after_stop(self) -> int:
         """After the stop checkpoint: requeue the SLURM job on its time-limit signal, then exit.

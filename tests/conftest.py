@@ -151,3 +151,25 @@ def cached_run_weights(tmp_path_factory, name: str, args_for, nprocs: int = 1) -
             shutil.rmtree(run, ignore_errors=True)
             run_distrain(args_for(run), nprocs=nprocs, check=True)
     return load_weights(run / "model.safetensors")
+
+
+def train_until_sigterm(args: list[str], run_dir: Path, log_path: Path) -> int:
+    """`distrain ARGS` in a session of its own, SIGTERM to its group at its first checkpoint; the
+    exit code. Output goes to ``log_path`` (no pipe to fill up); one alive a minute later is killed.
+    """
+    import signal
+
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(distrain_cmd(args), env=subprocess_env(), stdout=log,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+    try:
+        wait_for_first_checkpoint(
+            run_dir, lambda: None if proc.poll() is None else f"training exited {proc.returncode}",
+            lambda: "\n" + log_path.read_text()[-4000:])
+        os.killpg(proc.pid, signal.SIGTERM)
+        return proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
