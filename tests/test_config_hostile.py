@@ -146,7 +146,7 @@ def test_seeded_code_takes_the_largest_seed():
     from distrain.data.augment import CropFlipParams
     from distrain.data.sampling import EpochPlan, derived_seed
     from distrain.data.synthetic import make_synthetic
-    from distrain.engine import seed_everything
+    from distrain.seeding import seed_everything
 
     seed = 2**32 - 1
     for epoch in (0, 1, 999):
