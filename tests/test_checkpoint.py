@@ -628,7 +628,7 @@ def test_other_architecture_or_classes_fail_before_any_tensor_is_read(tmp_path, 
     def no(*a, **k):
         raise AssertionError("a tensor file was read")
 
-    monkeypatch.setattr(ckpt, "_read_tensors", no)
+    monkeypatch.setattr(ckpt, "read_tensors", no)
     monkeypatch.setattr(ckpt, "_parse_tensors", no)
     monkeypatch.setattr(ckpt, "verify", no)
     run = copy_run(trained, tmp_path / "run")

@@ -24,7 +24,7 @@ import pytest
 
 from conftest import (cached_run_weights, distrain_cmd, load_weights, max_abs_diff, metrics_events, run_distrain,
                       subprocess_env, wait_for_first_checkpoint)
-from distrain.checkpoint import list_checkpoints, read_meta, verify
+from distrain.ckpt_format import list_checkpoints, read_meta, verify
 from distrain.signals import EXIT_STOPPED
 
 pytestmark = pytest.mark.timeout(300)
