@@ -181,7 +181,7 @@ class Trainer:
         self.run_dir = Path(cfg.output_dir)
         self.state = TrainState()
         self.signals = None
-        self.progress = Progress(enabled=self.is_main, mode=cfg.log.progress)
+        self.progress = Progress(enabled=self.is_main, mode=cfg.log.progress, every_steps=cfg.log.every_steps)
         # Agreeing on a stop is a collective; on GPUs do it every few steps to avoid a host sync per step.
         self.stop_check_every = 1 if self.rt.device == "cpu" else 8
 
@@ -513,7 +513,7 @@ class Trainer:
             seen_since += step_total
             self.progress.tick(st.step_in_epoch, st.global_step)
 
-            if st.global_step % cfg.log.every_steps == 0 or st.step_in_epoch == plan.num_steps:
+            if self.progress.should_log(st.step_in_epoch, plan.num_steps):
                 fold()
                 dt = time.time() - t0
                 self.log_step(epoch, seen_since / max(dt, 1e-9))
