@@ -17,16 +17,16 @@ The recipe is the same for all: the CIFAR10-quick network (distrain's module, so
 equal), fp32, batch ``--batch-size`` per process, SGD (lr 0.01, momentum 0.9, Nesterov, weight decay
 5e-4) with a per-step cosine schedule, random crop (pad 4) + flip + normalise, an evaluation of the
 test split after every epoch, on a fake CIFAR-10 of the real files' format and shapes written once
-for the run. Each process gets ``OMP_NUM_THREADS = cores / processes``; the peers' DataLoaders use
-``--workers`` workers.
+for the run. Each process gets ``OMP_NUM_THREADS = cores / processes`` (``--threads``); the peers'
+DataLoaders use ``--workers`` workers.
 
 Per epoch, a contestant's main process times its training part (from the epoch's first batch request
 to the end of its last step; evaluation and checkpoints excluded): images/s = training images /
 seconds. distrain's times come from its metrics.jsonl (from ``start``, or the previous epoch's last
 event, to the epoch's ``train`` event). Per run: wall time, the tree's user and system CPU seconds
-(``wait4``), and memory polled every 0.25 s: the sum over the tree's processes of their peak RSS
-(VmHWM; forked DataLoader workers count pages they share with their parent) and the peak of the
-tree's summed PSS.
+and minor page faults (``wait4``: steadier than wall time on a loaded machine), and memory polled
+every 0.25 s: the sum over the tree's processes of their peak RSS (VmHWM; forked DataLoader workers
+count pages they share with their parent) and the peak of the tree's summed PSS.
 
 ``--malloc off,on``: ``on`` is distrain's start-up allocator setting (distrain/allocator.py) for
 distrain and the same thresholds as ``MALLOC_*`` environment variables for the peers (the fair
@@ -42,10 +42,12 @@ over rounds and the spread.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -289,13 +291,13 @@ def command(name: str, nprocs: int, a, root: Path, work: Path, port: int) -> lis
     return _launch(nprocs, port, peer)
 
 
-def environment(name: str, nprocs: int, malloc: str, cores: int) -> dict:
+def environment(name: str, nprocs: int, malloc: str, threads: int) -> dict:
     from distrain.allocator import ENV_EQUIVALENT, OPT_OUT_VAR
 
     drop = (OPT_OUT_VAR, "GLIBC_TUNABLES", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
             "MASTER_PORT")
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k not in drop}
-    threads = str(max(1, cores // nprocs))
+    threads = str(threads)
     env.update({"PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                 "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
                 "PYTHONUNBUFFERED": "1"})
@@ -359,18 +361,24 @@ def run_one(name: str, nprocs: int, malloc: str, a, root: Path, cores: int) -> d
         load = os.getloadavg()[0]
         t0 = time.perf_counter()
         log = open(work / "output.txt", "w")
-        env = environment(name, nprocs, malloc, cores)
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=log, cwd=work)
+        env = environment(name, nprocs, malloc, a.threads or max(1, cores // nprocs))
+        # Its own process group: an interrupted benchmark takes the whole tree down with it.
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=log, cwd=work,
+                                start_new_session=True)
         mem = TreeMemory(proc.pid)
         mem.start()
-        _, status, usage = os.wait4(proc.pid, 0)
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+        finally:
+            mem.done.set()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)  # leftovers (DataLoader workers) of a run
+            log.close()
         wall = time.perf_counter() - t0
-        mem.done.set()
         mem.join()
-        log.close()
         rec = {"contestant": name, "procs": nprocs, "malloc": malloc, "load_1min": round(load, 2),
                "wall_s": round(wall, 2), "user_s": round(usage.ru_utime, 2),
-               "sys_s": round(usage.ru_stime, 2),
+               "sys_s": round(usage.ru_stime, 2), "minor_faults": usage.ru_minflt,
                "sum_peak_rss_mib": round(sum(mem.hwm.values()) / 1024), "processes": len(mem.hwm),
                "peak_pss_mib": round(mem.pss_peak / 1024),
                "exit": os.waitstatus_to_exitcode(status)}
@@ -436,7 +444,8 @@ def summarise(runs: list[dict], a) -> list[dict]:
             row = {"contestant": name, "procs": nprocs, "malloc": malloc, "runs": len(rs),
                    "epoch_img_per_s": [statistics.median(e) for e in per_epoch],
                    "epoch_spread": [[min(e), max(e)] for e in per_epoch]}
-            for k in ("wall_s", "user_s", "sys_s", "sum_peak_rss_mib", "peak_pss_mib", "load_1min"):
+            for k in ("wall_s", "user_s", "sys_s", "minor_faults", "sum_peak_rss_mib",
+                      "peak_pss_mib", "load_1min"):
                 row[k] = statistics.median(r[k] for r in rs)
             rows.append(row)
     for row in rows:  # distrain / each peer, same processes and malloc column, per epoch
@@ -460,12 +469,13 @@ def format_table(result: dict) -> str:
                             zip(r["epoch_img_per_s"], r["epoch_spread"])) for r in result["rows"]}
     w = max(len(e) for e in eps.values()) + 2
     out.append(f"{'contestant':<11}{'procs':>5} {'malloc':>6}  {'img/s per epoch [min..max]':<{w}}"
-               f"{'distrain/this':<16}{'sys s':>7}{'wall s':>8}{'RSS MiB':>9}{'PSS MiB':>9}")
+               f"{'distrain/this':<16}{'user s':>7}{'sys s':>7}{'faults':>8}{'wall s':>8}"
+               f"{'RSS MiB':>9}{'PSS MiB':>9}")
     for r in result["rows"]:
         vs = " ".join(f"{x:.2f}" for x in r.get("distrain_over_this", [])) or "-"
         out.append(f"{r['contestant']:<11}{r['procs']:>5} {r['malloc']:>6}  {eps[id(r)]:<{w}}"
-                   f"{vs:<16}"
-                   f"{r['sys_s']:>7.1f}{r['wall_s']:>8.1f}{r['sum_peak_rss_mib']:>9,.0f}"
+                   f"{vs:<16}{r['user_s']:>7.1f}{r['sys_s']:>7.1f}{r['minor_faults'] / 1e6:>7.2f}M"
+                   f"{r['wall_s']:>8.1f}{r['sum_peak_rss_mib']:>9,.0f}"
                    f"{r['peak_pss_mib']:>9,.0f}")
     out += ["", "distrain/this: distrain's img/s / this contestant's, per epoch (same processes,",
             "  same malloc column); RSS: sum of the tree's per-process peak RSS;",
@@ -498,6 +508,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--test-samples", type=int, default=10_000)
     p.add_argument("--max-steps", type=int, default=None, help="steps per epoch (smoke tests)")
     p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--threads", type=int, default=None, help="per process (cores/processes)")
     p.add_argument("--json", metavar="FILE", help="also write the runs and the table's rows here")
     a = p.parse_args(argv)
     bad = [c for c in a.contestants if c not in CONTESTANTS]
