@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from distrain import checkpoint as ckpt
 from distrain.config import Config, dump_config
-from distrain.data.pipeline import InputPipeline, Split, load_split, normalization, prepare_data
+from distrain.data.pipeline import InputPipeline, PipelineSpec, Split, load_split, normalization, prepare_data
 from distrain.data.sampling import EpochPlan, derived_seed
 from distrain.errors import UserError
 from distrain.export import export_model, model_info
@@ -131,6 +131,19 @@ def autocast(device_type: str, precision: str):
     if precision == "no":
         return contextlib.nullcontext()
     return torch.autocast(device_type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def pipeline_spec(cfg: Config, batch_size: int, mean_std: Optional[tuple] = None) -> PipelineSpec:
+    """The input-pipeline settings of a run, decided once (the data layer never sees the whole config)."""
+    mean, std = mean_std or normalization(cfg)
+    return PipelineSpec(batch_size=batch_size, seed=cfg.train.seed, augment=cfg.data.augment,
+                        input_size=cfg.model.input_size, mean=tuple(mean), std=tuple(std),
+                        channels_last=cfg.model.channels_last, loader=cfg.data.loader,
+                        num_workers=cfg.data.num_workers)
+
+
+def split_of(cfg: Config, train: bool) -> Split:
+    return load_split(cfg.data, train, cfg.train.seed, cfg.model.num_classes, cfg.model.input_size)
 
 
 def seed_everything(seed: int) -> None:
@@ -251,13 +264,13 @@ class Trainer:
         if self.rt.device == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels once
         # Rank 0 downloads first; the others only read once it is there.
-        self._agree("prepare the data", lambda: prepare_data(cfg), main_only=True)
+        self._agree("prepare the data", lambda: prepare_data(cfg.data), main_only=True)
         if cfg.model.pretrained:  # ImageNet weights: downloaded into the hub cache once; every rank loads from there
             from distrain.weights import prepare_weights
 
             self._agree("fetch the pretrained weights", lambda: prepare_weights(cfg), main_only=True)
-        self.train_split: Split = self._agree("load the training data", lambda: load_split(cfg, train=True))
-        self.test_split: Split = self._agree("load the test data", lambda: load_split(cfg, train=False))
+        self.train_split: Split = self._agree("load the training data", lambda: split_of(cfg, train=True))
+        self.test_split: Split = self._agree("load the test data", lambda: split_of(cfg, train=False))
         if cfg.data.name == "imagefolder":
             from distrain.data.imagefolder import check_same_classes
 
@@ -282,10 +295,10 @@ class Trainer:
         self.unfrozen = False
 
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        self.train_data = InputPipeline(self.train_split, cfg, self.device, self.rank, self.world, train=True,
-                                        local_world_size=local_world)
-        self.test_data = InputPipeline(self.test_split, cfg, self.device, self.rank, self.world, train=False,
-                                       local_world_size=local_world, eval_batch_size=max(cfg.train.batch_size, 256))
+        self.train_data = InputPipeline(self.train_split, pipeline_spec(cfg, cfg.train.batch_size), self.device,
+                                        self.rank, self.world, train=True, local_world_size=local_world)
+        self.test_data = InputPipeline(self.test_split, pipeline_spec(cfg, max(cfg.train.batch_size, 256)),
+                                       self.device, self.rank, self.world, train=False, local_world_size=local_world)
         # SLURM, `kill -- -PGID` and Ctrl-C signal the DataLoader workers too: they must survive until the stop
         # checkpoint is written (see signals.shield_data_worker).
         from distrain.signals import shield_data_worker
@@ -771,10 +784,10 @@ def run_eval(path: str, overrides: list[str], confusion_dir: Optional[str] = Non
         from distrain.report import prepare_dir
 
         t._agree("create the --confusion directory", lambda: prepare_dir(Path(confusion_dir)), main_only=True)
-    t._agree("prepare the data", lambda: prepare_data(cfg), main_only=True)
-    split = t._agree("load the test data", lambda: load_split(cfg, train=False))
-    data = InputPipeline(split, cfg, acc.device, acc.process_index, acc.num_processes, train=False,
-                         eval_batch_size=max(cfg.train.batch_size, 256), mean_std=(info["mean"], info["std"]))
+    t._agree("prepare the data", lambda: prepare_data(cfg.data), main_only=True)
+    split = t._agree("load the test data", lambda: split_of(cfg, train=False))
+    spec = pipeline_spec(cfg, max(cfg.train.batch_size, 256), mean_std=(info["mean"], info["std"]))
+    data = InputPipeline(split, spec, acc.device, acc.process_index, acc.num_processes, train=False)
     model = loaded.model.to(acc.device).eval()
     cm, loss_sum = eval_loop(model, data, acc, cfg.model.num_classes, rt.precision)
     close_distributed(acc)  # the last collective is behind every rank
