@@ -93,7 +93,10 @@ class PaddedStore:
         offsets = first[:, None, None] + self.row_offsets  # (n, c, h)
         out = torch.index_select(self.rows, 0, offsets.view(-1))
         out = out.view(len(idx), self.c, self.h, self.w)
-        return torch.where(p.flip.view(-1, 1, 1, 1), out.flip(3), out)
+        if out.device.type != "cpu":  # nonzero() would wait for the device; where() does not
+            return torch.where(p.flip.view(-1, 1, 1, 1), out.flip(3), out)
+        flipped = p.flip.nonzero().view(-1)  # on a CPU, copying only these is ~2x faster
+        return out.index_copy_(0, flipped, out.index_select(0, flipped).flip(3))
 
 
 class Normalizer:
