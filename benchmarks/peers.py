@@ -277,7 +277,9 @@ def command(name: str, nprocs: int, a, root: Path, work: Path, port: int) -> lis
                 "train.batch_size": a.batch_size,
                 "train.mixed_precision": "no", "train.device": "cpu", "log.tensorboard": "false",
                 "log.progress": "none"}
-        if a.max_steps is not None:  # no per-epoch step limit in distrain: fewer images, same steps
+        if a.max_steps is not None and a.epochs == 1:  # the whole split is held, as by the peers
+            over["train.max_steps"] = a.max_steps
+        elif a.max_steps is not None:  # no per-epoch step limit in distrain: fewer images
             over["data.max_train_samples"] = a.max_steps * a.batch_size * nprocs
         args = [f"{k}={v}" for k, v in over.items()]
         return _launch(nprocs, port, ["-m", "distrain", "train", *args])
@@ -506,7 +508,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=1, help="peers' DataLoader workers/process")
     p.add_argument("--train-samples", type=int, default=50_000)
     p.add_argument("--test-samples", type=int, default=10_000)
-    p.add_argument("--max-steps", type=int, default=None, help="steps per epoch (smoke tests)")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="steps per epoch (smoke tests; with --epochs 1: memory on the whole split)")
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--threads", type=int, default=None, help="per process (cores/processes)")
     p.add_argument("--json", metavar="FILE", help="also write the runs and the table's rows here")
