@@ -469,7 +469,7 @@ def format_table(result: dict) -> str:
            f"{result['rounds']} round(s)", ""]
     eps = {id(r): "  ".join(f"{v:,.0f} [{lo:,.0f}..{hi:,.0f}]" for v, (lo, hi) in
                             zip(r["epoch_img_per_s"], r["epoch_spread"])) for r in result["rows"]}
-    w = max(len(e) for e in eps.values()) + 2
+    w = max(len(e) for e in [*eps.values(), "img/s per epoch [min..max]"]) + 2
     out.append(f"{'contestant':<11}{'procs':>5} {'malloc':>6}  {'img/s per epoch [min..max]':<{w}}"
                f"{'distrain/this':<16}{'user s':>7}{'sys s':>7}{'faults':>8}{'wall s':>8}"
                f"{'RSS MiB':>9}{'PSS MiB':>9}")
