@@ -430,7 +430,8 @@ def run_all(a, root: Path, cores: int) -> list[dict]:
                 rec["round"] = r
                 runs.append(rec)
                 print(f"# round {r + 1}/{a.rounds} {name:<10} procs {nprocs} malloc {malloc:<3}: "
-                      f"{rec['epoch_img_per_s']} img/s, user {rec['user_s']} s, sys {rec['sys_s']} s, "
+                      f"{rec['epoch_img_per_s']} img/s, user {rec['user_s']} s, "
+                      f"sys {rec['sys_s']} s, "
                       f"{rec['minor_faults']} faults, RSS {rec['sum_peak_rss_mib']} MiB, "
                       f"load {rec['load_1min']}",
                       file=sys.stderr, flush=True)
