@@ -12,7 +12,7 @@ import torch
 from distrain.config import load_config
 from distrain.data import cache, cifar10
 from distrain.data.augment import PAD, CropFlipParams, PaddedStore, crop_flip
-from distrain.data.pipeline import InputPipeline, Split
+from distrain.data.pipeline import InputPipeline, PipelineSpec, Split
 from distrain.engine import pipeline_spec, split_of
 from distrain.data.sampling import EpochPlan, epoch_permutation
 from fakes import write_fake_cifar10
@@ -125,6 +125,19 @@ def test_padded_store_gathers_crops_and_flips_by_index() -> None:
     for j, i in enumerate(idx.tolist()):
         assert torch.equal(out[j], _reference(x[i], int(params.dx[i]), int(params.dy[i]), bool(params.flip[i])))
     assert store.crop_flip(idx[:0], params.take(idx[:0])).shape == (0, 3, 32, 32)
+
+
+def test_augmented_device_pipeline_holds_one_padded_copy_of_the_split() -> None:
+    split = _split(40)
+    original = split.images.clone()
+    spec = PipelineSpec(batch_size=8, seed=0, augment=True, input_size=32, loader="device")
+    pipe = InputPipeline(split, spec, torch.device("cpu"), 0, 1, train=True)
+    store = pipe.store.store
+    assert store.shape == (40, 3, 32 + 2 * PAD, 32 + 2 * PAD)  # padded once, no mirrored copy
+    # The split and the pipeline see the unpadded images inside the store: no second copy is kept.
+    for images in (split.images, pipe.images):
+        assert torch.equal(images, original)
+        assert images.untyped_storage().data_ptr() == store.untyped_storage().data_ptr()
 
 
 def test_crop_params_depend_on_seed_and_epoch_only() -> None:
