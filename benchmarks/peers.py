@@ -530,6 +530,8 @@ def main(argv=None) -> int:
             a.procs = a.procs[0]
         PEERS[a.peer](a)
         return 0
+    # SIGTERM unwinds like Ctrl-C, so that run_one's cleanup kills the running contestant's tree.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     result = {"machine": machine(), "epochs": a.epochs, "batch_size": a.batch_size,
               "workers": a.workers,
               "train_samples": a.train_samples, "test_samples": a.test_samples, "rounds": a.rounds,
