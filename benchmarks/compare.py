@@ -143,12 +143,13 @@ class DistrainPipeline:
     def __init__(self, images, labels, classes, loader: str, batch: int, batches: int, seed: int):
         from distrain.config import load_config
         from distrain.data.pipeline import InputPipeline, Split
+        from distrain.build import pipeline_spec
 
         self.name = f"distrain {loader} path (crop+flip+normalise)"
         cfg = load_config(None, [f"data.loader={loader}", "data.augment=true", f"train.batch_size={batch}",
                                  f"train.seed={seed}", "data.num_workers=0"])
         split = Split(labels, list(classes), images=images, source="compare")
-        self.pipe = InputPipeline(split, cfg, torch.device("cpu"), 0, 1, train=True)
+        self.pipe = InputPipeline(split, pipeline_spec(cfg, batch), torch.device("cpu"), 0, 1, train=True)
         self.cfg, self.batches, self.epoch, self.it = cfg, batches, 0, iter(())
 
     def _next(self):

@@ -13,11 +13,13 @@ Invariants:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
 from distrain.config import Config
-from distrain.data.pipeline import InputPipeline, Split, load_split, normalization, prepare_data
+from distrain.data.pipeline import (InputPipeline, PipelineSpec, Split, load_split, normalization,
+                                    prepare_data)
 from distrain.data.sampling import EpochPlan, derived_seed
 from distrain.models import backbone_and_head, build_model, count_parameters
 from distrain.optim import build_optimizer, build_scheduler
@@ -74,13 +76,13 @@ def build(cfg: Config, strategy) -> Components:
 
 def load_data(cfg: Config, strategy) -> tuple[Split, Split]:
     """Both splits; the main process downloads data (and pretrained weights) first."""
-    strategy.agree("prepare the data", lambda: prepare_data(cfg), main_only=True)
+    strategy.agree("prepare the data", lambda: prepare_data(cfg.data), main_only=True)
     if cfg.model.pretrained:
         from distrain.weights import prepare_weights
 
         strategy.agree("fetch the pretrained weights", lambda: prepare_weights(cfg), main_only=True)
-    train_split = strategy.agree("load the training data", lambda: load_split(cfg, train=True))
-    test_split = strategy.agree("load the test data", lambda: load_split(cfg, train=False))
+    train_split = strategy.agree("load the training data", lambda: split_of(cfg, train=True))
+    test_split = strategy.agree("load the test data", lambda: split_of(cfg, train=False))
     if cfg.data.name == "imagefolder":
         from distrain.data.imagefolder import check_same_classes
 
@@ -109,9 +111,11 @@ def pipelines(cfg: Config, strategy, train_split: Split, test_split: Split):
 
     dev, rank, world = strategy.device, strategy.rank, strategy.world
     local = strategy.local_world_size
-    train_data = InputPipeline(train_split, cfg, dev, rank, world, train=True, local_world_size=local)
-    test_data = InputPipeline(test_split, cfg, dev, rank, world, train=False, local_world_size=local,
-                              eval_batch_size=max(cfg.train.batch_size, EVAL_BATCH_MIN))
+    eval_batch = max(cfg.train.batch_size, EVAL_BATCH_MIN)
+    train_data = InputPipeline(train_split, pipeline_spec(cfg, cfg.train.batch_size), dev, rank, world,
+                               train=True, local_world_size=local)
+    test_data = InputPipeline(test_split, pipeline_spec(cfg, eval_batch), dev, rank, world,
+                              train=False, local_world_size=local)
     # SLURM, `kill -- -PGID` and Ctrl-C signal the DataLoader workers too: they must survive until
     # the stop checkpoint is written (see signals.shield_data_worker).
     for pipe in (train_data, test_data):
@@ -121,7 +125,14 @@ def pipelines(cfg: Config, strategy, train_split: Split, test_split: Split):
     return train_data, test_data
 
 
-def count_params(model: torch.nn.Module) -> tuple[int, int]:
-    from distrain.distributed import unwrap
+def pipeline_spec(cfg: Config, batch_size: int, mean_std: Optional[tuple] = None) -> PipelineSpec:
+    """The input-pipeline settings of a run, decided once (the data layer never sees the config)."""
+    mean, std = mean_std or normalization(cfg)
+    return PipelineSpec(batch_size=batch_size, seed=cfg.train.seed, augment=cfg.data.augment,
+                        input_size=cfg.model.input_size, mean=tuple(mean), std=tuple(std),
+                        channels_last=cfg.model.channels_last, loader=cfg.data.loader,
+                        num_workers=cfg.data.num_workers)
 
-    return count_parameters(unwrap(model))
+
+def split_of(cfg: Config, train: bool) -> Split:
+    return load_split(cfg.data, train, cfg.train.seed, cfg.model.num_classes, cfg.model.input_size)

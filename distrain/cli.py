@@ -215,6 +215,9 @@ def _report_to_launcher(msg: str) -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    from distrain.allocator import configure_allocator
+
+    configure_allocator()  # every rank, before anything large is allocated (see distrain/allocator.py)
     parser = build_parser()
     args = parser.parse_args(argv)
     handlers = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "bench": cmd_bench,

@@ -88,7 +88,8 @@ def _eval_config(run_cfg: Optional[dict], info: dict, overrides: list[str]):
 
 def run_eval(path: str, overrides: list[str], confusion_dir: Optional[str] = None) -> Optional[dict]:
     """The test split through a trained model, on any world size; the result on the main process."""
-    from distrain.data.pipeline import InputPipeline, load_split, prepare_data
+    from distrain.build import pipeline_spec, split_of
+    from distrain.data.pipeline import InputPipeline, prepare_data
     from distrain.distributed import Strategy, resolve_runtime
     from distrain.config import check_eval_overrides
     from distrain.export import load_model
@@ -103,11 +104,10 @@ def run_eval(path: str, overrides: list[str], confusion_dir: Optional[str] = Non
 
         strategy.agree("create the --confusion directory",
                        lambda: prepare_dir(Path(confusion_dir)), main_only=True)
-    strategy.agree("prepare the data", lambda: prepare_data(cfg), main_only=True)
-    split = strategy.agree("load the test data", lambda: load_split(cfg, train=False))
-    data = InputPipeline(split, cfg, strategy.device, strategy.rank, strategy.world, train=False,
-                         eval_batch_size=max(cfg.train.batch_size, 256),
-                         mean_std=(info["mean"], info["std"]))
+    strategy.agree("prepare the data", lambda: prepare_data(cfg.data), main_only=True)
+    split = strategy.agree("load the test data", lambda: split_of(cfg, train=False))
+    spec = pipeline_spec(cfg, max(cfg.train.batch_size, 256), mean_std=(info["mean"], info["std"]))
+    data = InputPipeline(split, spec, strategy.device, strategy.rank, strategy.world, train=False)
     model = loaded.model.to(strategy.device).eval()
     res = eval_loop(model, data, strategy, cfg.model.num_classes)
     strategy.close()  # the last collective is behind every rank

@@ -2,14 +2,22 @@
 
 Everything goes to stderr (stdout is reserved for `--json`). Modes (`log.progress`):
 
-- ``bar``: one line redrawn in place (``\\r``) with epoch, step, loss, images/s, learning rate and ETAs;
-  `tick` redraws it between log intervals (at most ~8 times a second, no device synchronisation).
-- ``lines``: one plain line per log interval, never a carriage return (pipes, files, SLURM logs, CI).
+- ``bar``: one line redrawn in place (``\\r``) with epoch, step, loss, images/s, learning rate and
+  ETAs; `tick` redraws it between log intervals (at most ~8 times a second, no device
+  synchronisation).
+- ``lines``: one plain line per log interval, never a carriage return (pipes, files, SLURM logs,
+  CI).
 - ``none``: only log lines (banner, epoch results, warnings, summary).
-- ``auto``: ``bar`` when stderr is a terminal and neither ``CI`` is set nor ``TERM=dumb``, else ``lines``.
+- ``auto``: ``bar`` when stderr is a terminal and neither ``CI`` is set nor ``TERM=dumb``, else
+  ``lines``.
 
 Other ranks construct it with ``enabled=False`` and stay quiet. Log lines written with `write` never
 tear a live bar: the bar is cleared, the line printed, and the bar comes back at the next update.
+
+Steps are counted within the epoch ("step 43/157" is the 43rd step of this epoch), and so is the
+log interval: `should_log` ends one every ``every_steps`` steps of the epoch and at its last step.
+It depends on its arguments alone (never on ``enabled`` or the mode), so every rank takes the same
+decision: the caller may run collectives when it says yes.
 """
 
 from __future__ import annotations
@@ -40,8 +48,9 @@ class Progress:
     REDRAW_S = 0.125  # the bar is redrawn at most this often by `tick`
     WIDTH = 20  # bar cells
 
-    def __init__(self, enabled: bool, mode: str = "auto", stream=None):
+    def __init__(self, enabled: bool, mode: str = "auto", stream=None, every_steps: int = 50):
         self.stream = stream if stream is not None else sys.stderr
+        self.every_steps = max(1, int(every_steps))
         self.mode = choose_mode(mode, self.stream)
         self.enabled = bool(enabled)  # log lines (`write`) are shown whenever enabled
         self.show_steps = self.enabled and self.mode != "none"
@@ -62,7 +71,7 @@ class Progress:
         self._bar_shown = False
         self._last_draw = 0.0
 
-    # -- plain log lines ----------------------------------------------------------------------------
+    # -- plain log lines ---------------------------------------------------------------------------
     def write(self, msg: str) -> None:
         """A log line (or several); it never tears a live bar."""
         if not self.enabled:
@@ -71,10 +80,16 @@ class Progress:
         self.stream.write(msg.rstrip("\n") + "\n")
         self.stream.flush()
 
-    # -- the loop -----------------------------------------------------------------------------------
+    # -- the loop ----------------------------------------------------------------------------------
+    def should_log(self, step_in_epoch: int, steps_in_epoch: int) -> bool:
+        """Whether a log interval ends after step ``step_in_epoch`` (1-based) of the epoch."""
+        return step_in_epoch % self.every_steps == 0 or step_in_epoch == steps_in_epoch
+
     def start_epoch(self, epoch: int, total_steps: int, done: int = 0, epochs: Optional[int] = None,
-                    global_step: Optional[int] = None, run_total_steps: Optional[int] = None) -> None:
-        """Epoch ``epoch`` (0-based) of ``epochs`` has ``total_steps`` optimizer steps, ``done`` already done."""
+                    global_step: Optional[int] = None,
+                    run_total_steps: Optional[int] = None) -> None:
+        """Epoch ``epoch`` (0-based) of ``epochs`` has ``total_steps`` optimizer steps, ``done`` of
+        them already done."""
         self.epoch, self.total, self.first, self.step = epoch, total_steps, done, done
         if epochs is not None:
             self.epochs = epochs
@@ -97,7 +112,8 @@ class Progress:
         if now - self._last_draw >= self.REDRAW_S:
             self._draw_bar(now)
 
-    def update(self, step: int, loss: float, img_per_s: float, lr: float, global_step: Optional[int] = None) -> None:
+    def update(self, step: int, loss: float, img_per_s: float, lr: float,
+               global_step: Optional[int] = None) -> None:
         """A log interval ended: fresh loss, throughput and learning rate."""
         self.step, self.loss, self.img_per_s, self.lr = step, loss, img_per_s, lr
         if global_step is not None:
@@ -118,10 +134,10 @@ class Progress:
             self._bar_shown = False
 
     def close(self) -> None:
-        """End a bar line so that whatever comes next (an error message, the shell prompt) starts clean."""
+        """End a bar line so that whatever comes next (an error, the shell prompt) starts clean."""
         self.end_epoch()
 
-    # -- text ---------------------------------------------------------------------------------------
+    # -- text --------------------------------------------------------------------------------------
     def eta(self, now: Optional[float] = None) -> tuple[Optional[float], Optional[float]]:
         """(seconds left in this epoch, seconds left in the run), from this process's own pace."""
         now = time.monotonic() if now is None else now
@@ -131,11 +147,12 @@ class Progress:
         if self.total_steps is not None and self._run_t0 is not None:
             run_done = self.global_step - self._run_first
             if run_done > 0:
-                run_eta = (now - self._run_t0) / run_done * max(self.total_steps - self.global_step, 0)
+                left = max(self.total_steps - self.global_step, 0)
+                run_eta = (now - self._run_t0) / run_done * left
         return epoch_eta, run_eta
 
     def status_text(self, now: Optional[float] = None) -> str:
-        epoch = f"epoch {self.epoch + 1}/{self.epochs}" if self.epochs else f"epoch {self.epoch + 1}"
+        epoch = f"epoch {self.epoch + 1}" + (f"/{self.epochs}" if self.epochs else "")
         parts = [epoch, f"step {self.step}/{self.total}"]
         if self.loss is not None:
             parts.append(f"loss {self.loss:.4f}")
@@ -146,11 +163,11 @@ class Progress:
         epoch_eta, run_eta = self.eta(now)
         if epoch_eta is not None:
             parts.append(f"eta {_fmt(epoch_eta)}")
-        if run_eta is not None and self.total_steps - self.global_step > self.total - self.step:
+        if run_eta is not None and self.total_steps != self.total:  # unless the run is this epoch
             parts.append(f"run eta {_fmt(run_eta)}")
         return " | ".join(parts)
 
-    # -- the bar ------------------------------------------------------------------------------------
+    # -- the bar -----------------------------------------------------------------------------------
     def _columns(self) -> int:
         try:
             return os.get_terminal_size(self.stream.fileno()).columns

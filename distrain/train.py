@@ -32,7 +32,7 @@ def dist_options(cfg: Config) -> DistOptions:
 
 def run_training(cfg: Config, signals=None) -> int:
     strategy = Strategy(resolve_runtime(cfg.train.device, cfg.train.mixed_precision), dist_options(cfg))
-    progress = Progress(enabled=strategy.is_main, mode=cfg.log.progress)
+    progress = Progress(enabled=strategy.is_main, mode=cfg.log.progress, every_steps=cfg.log.every_steps)
     run = None
     try:
         lock = strategy.agree("claim the run directory", lambda: rundir.claim(cfg, progress.write),

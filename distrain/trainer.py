@@ -189,7 +189,7 @@ class Trainer:
         """Poll, log, checkpoint; True when every rank agreed to stop."""
         cfg, st = self.cfg, self.state
         epoch_end = st.step_in_epoch == plan.num_steps or self.reached_max_steps()
-        log_now = st.step_in_epoch % cfg.log.every_steps == 0 or epoch_end
+        log_now = self.progress.should_log(st.step_in_epoch, plan.num_steps) or epoch_end
         every = cfg.checkpoint.every_steps
         # (The epoch's last step and the max_steps one are saved by fit(): no duplicate.)
         ckpt_now = bool(every) and st.global_step % every == 0 and not epoch_end

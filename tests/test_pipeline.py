@@ -12,7 +12,8 @@ import torch
 from distrain.config import load_config
 from distrain.data import cache, cifar10
 from distrain.data.augment import PAD, CropFlipParams, PaddedStore, crop_flip
-from distrain.data.pipeline import InputPipeline, Split, load_split
+from distrain.data.pipeline import InputPipeline, PipelineSpec, Split
+from distrain.build import pipeline_spec, split_of
 from distrain.data.sampling import EpochPlan, epoch_permutation
 from fakes import write_fake_cifar10
 
@@ -126,6 +127,19 @@ def test_padded_store_gathers_crops_and_flips_by_index() -> None:
     assert store.crop_flip(idx[:0], params.take(idx[:0])).shape == (0, 3, 32, 32)
 
 
+def test_augmented_device_pipeline_holds_one_padded_copy_of_the_split() -> None:
+    split = _split(40)
+    original = split.images.clone()
+    spec = PipelineSpec(batch_size=8, seed=0, augment=True, input_size=32, loader="device")
+    pipe = InputPipeline(split, spec, torch.device("cpu"), 0, 1, train=True)
+    store = pipe.store.store
+    assert store.shape == (40, 3, 32 + 2 * PAD, 32 + 2 * PAD)  # padded once, no mirrored copy
+    # The split and the pipeline see the unpadded images inside the store: no second copy is kept.
+    for images in (split.images, pipe.images):
+        assert torch.equal(images, original)
+        assert images.untyped_storage().data_ptr() == store.untyped_storage().data_ptr()
+
+
 def test_crop_params_depend_on_seed_and_epoch_only() -> None:
     a, b = CropFlipParams.draw(100, 3, 1), CropFlipParams.draw(100, 3, 1)
     assert torch.equal(a.dx, b.dx) and torch.equal(a.dy, b.dy) and torch.equal(a.flip, b.flip)
@@ -148,7 +162,8 @@ def _batches(loader: str, augment: bool, split: Split, rank: int, world: int, ep
              workers: int = 0, train: bool = True) -> list:
     cfg = load_config(None, [f"data.loader={loader}", f"data.augment={str(augment).lower()}", "train.batch_size=8",
                              "train.grad_accum_steps=2", "train.seed=4", f"data.num_workers={workers}"])
-    pipe = InputPipeline(split, cfg, torch.device("cpu"), rank, world, train=train, eval_batch_size=16)
+    pipe = InputPipeline(split, pipeline_spec(cfg, 8 if train else 16), torch.device("cpu"), rank, world,
+                         train=train)
     assert pipe.mode == loader
     if train:
         pipe.set_epoch(EpochPlan(len(split), 8, world, rank, 2, seed=4, epoch=epoch), start_micro=start_micro)
@@ -324,8 +339,8 @@ def test_corrupt_cache_is_ignored_and_replaced(cifar) -> None:
 
 def test_load_split_uses_the_cache(cifar, monkeypatch) -> None:
     cfg = load_config(None, ["data.name=cifar10", f"data.root={cifar}", "data.verify=false"])
-    first = load_split(cfg, train=True)
+    first = split_of(cfg, train=True)
     _no_decode(monkeypatch)
-    second = load_split(cfg, train=True)
+    second = split_of(cfg, train=True)
     assert torch.equal(first.images, second.images) and torch.equal(first.labels, second.labels)
     assert first.classes == second.classes

@@ -146,6 +146,29 @@ def test_eta_from_the_pace_so_far(monkeypatch) -> None:
     assert p.eta()[0] == pytest.approx(3.0)
 
 
+def test_log_intervals_count_within_the_epoch() -> None:
+    """Every rank (shown or not) ends an interval at the same steps: every 50th of the epoch and its last."""
+    for enabled in (True, False):
+        p = Progress(enabled=enabled, mode="lines", stream=FakeStream(False), every_steps=50)
+        for epoch in range(3):  # the same positions in every epoch, whatever the global step
+            p.start_epoch(epoch, 157, epochs=3, global_step=157 * epoch, run_total_steps=471)
+            assert [s for s in range(1, 158) if p.should_log(s, 157)] == [50, 100, 150, 157]
+    assert [s for s in range(1, 6) if Progress(False, every_steps=1).should_log(s, 5)] == [1, 2, 3, 4, 5]
+
+
+def test_run_eta_on_the_last_epochs_lines_too() -> None:
+    s = FakeStream(tty=False)
+    p = Progress(enabled=True, mode="lines", stream=s)
+    p.start_epoch(2, 10, epochs=3, global_step=20, run_total_steps=30)
+    p.update(5, loss=1.0, img_per_s=1.0, lr=0.1, global_step=25)
+    assert re.search(r"epoch 3/3 \| step 5/10 .*\| eta \d+:\d\d \| run eta \d+:\d\d$", s.getvalue())
+    one = FakeStream(tty=False)  # a one-epoch run: the run's ETA is the epoch's, shown once
+    p = Progress(enabled=True, mode="lines", stream=one)
+    p.start_epoch(0, 10, epochs=1, global_step=0, run_total_steps=10)
+    p.update(5, loss=1.0, img_per_s=1.0, lr=0.1, global_step=5)
+    assert "| eta " in one.getvalue() and "run eta" not in one.getvalue()
+
+
 def test_duration_format() -> None:
     assert _fmt(0) == "0:00" and _fmt(59.6) == "1:00" and _fmt(61) == "1:01"
     assert _fmt(3600 + 62) == "1:01:02" and _fmt(-5) == "0:00"
@@ -232,6 +255,21 @@ def test_plain_lines_on_a_pipe(tmp_path) -> None:
     assert re.search(r"accuracy\s+final 0\.\d{4} \(loss \d+\.\d{4}\), best 0\.\d{4} at step 16", summary)
     for written in ("model.safetensors", "checkpoints", "metrics.jsonl", "distrain eval --checkpoint"):
         assert written in summary
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_step_lines_count_within_each_epoch(tmp_path) -> None:
+    """8 steps per epoch, a line every 3: steps 3, 6 and 8 of each epoch (not global steps 9, 12, ...)."""
+    out_dir = tmp_path / "run"
+    args = smoke_args(out_dir, **{"train.epochs": 2, "log.every_steps": 3, "log.tensorboard": "true"})
+    err = run_distrain(["train", *args], check=True).stderr
+    steps = [re.match(r"epoch (\d)/2 \| step (\d+)/8 \|", l) for l in err.splitlines()]
+    assert [m.groups() for m in steps if m] == [("1", "3"), ("1", "6"), ("1", "8"),
+                                               ("2", "3"), ("2", "6"), ("2", "8")]
+    from test_tensorboard import load_events
+
+    assert [e.step for e in load_events(out_dir / "tb").Scalars("train/loss")] == [3, 6, 8, 11, 14, 16]
 
 
 @pytest.mark.slow

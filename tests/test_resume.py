@@ -250,13 +250,14 @@ def test_two_processes_killed_at_random_resume_to_the_same_weights(tmp_path, ref
 @pytest.mark.parametrize("loader", ["device", "dataloader"])
 def test_mid_epoch_start_yields_exactly_the_remaining_batches_and_reads_nothing_else(loader, monkeypatch) -> None:
     from distrain.config import Config
-    from distrain.data.pipeline import InputPipeline, load_split
+    from distrain.data.pipeline import InputPipeline
+    from distrain.build import pipeline_spec, split_of
     from distrain.data.sampling import EpochPlan
 
     cfg = Config()
     cfg.data.name, cfg.data.max_train_samples, cfg.data.augment, cfg.data.loader = "synthetic", 100, True, loader
     cfg.train.batch_size, cfg.train.grad_accum_steps, cfg.data.num_workers = 8, 2, 0
-    split = load_split(cfg, train=True)
+    split = split_of(cfg, train=True)
     read: list[int] = []
     if loader == "dataloader":
         from distrain.data import pipeline
@@ -268,7 +269,8 @@ def test_mid_epoch_start_yields_exactly_the_remaining_batches_and_reads_nothing_
             return real_item(self, i)
 
         monkeypatch.setattr(pipeline._InMemory, "__getitem__", getitem)
-    pipe = InputPipeline(split, cfg, torch.device("cpu"), rank=1, world_size=2, train=True)
+    pipe = InputPipeline(split, pipeline_spec(cfg, cfg.train.batch_size), torch.device("cpu"), rank=1, world_size=2,
+                         train=True)
     assert pipe.mode == loader and pipe.augment
     if loader == "device":
         real = pipe._gather

@@ -26,7 +26,7 @@ def newest_checkpoint(run: Path) -> Path:
 def optimizer_groups(ckpt: Path) -> list[dict]:
     from safetensors.torch import load_file
 
-    from distrain.checkpoint import decode
+    from distrain.ckpt_format import decode
 
     meta = json.loads((ckpt / "state.json").read_text())
     return decode(meta["optimizer"], load_file(str(ckpt / "optimizer.safetensors")))["param_groups"]

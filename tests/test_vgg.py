@@ -193,13 +193,14 @@ def test_frozen_backbone_gets_no_state_and_stays_bit_identical() -> None:
 @pytest.mark.parametrize("size", [64, 224])
 def test_input_size_upsamples_on_the_device_and_vgg_accepts_it(size) -> None:
     from distrain.config import Config
-    from distrain.data.pipeline import InputPipeline, load_split
+    from distrain.data.pipeline import InputPipeline
+    from distrain.build import pipeline_spec, split_of
 
     cfg = Config()
     cfg.data.name, cfg.data.max_test_samples = "synthetic", 2
     cfg.model.name, cfg.model.input_size, cfg.model.pretrained, cfg.model.channels_last = "vgg16", size, True, True
-    split = load_split(cfg, train=False)
-    x, y, idx = next(iter(InputPipeline(split, cfg, "cpu", 0, 1, train=False)))
+    split = split_of(cfg, train=False)
+    x, y, idx = next(iter(InputPipeline(split, pipeline_spec(cfg, cfg.train.batch_size), "cpu", 0, 1, train=False)))
     assert x.shape == (2, 3, size, size) and x.is_contiguous(memory_format=torch.channels_last)
     assert abs(float(x.mean())) < 3  # ImageNet-normalised
     model = _fresh().to(memory_format=torch.channels_last).eval()

@@ -7,19 +7,22 @@ Two paths give the same batches for the same ``(seed, epoch)`` when augmentation
 - ``dataloader``: a torch DataLoader fed by the same plan (pinned memory, non-blocking copies,
   persistent workers); used for image folders and splits that do not fit on the device.
 
-Ranks and world size arrive as plain integers: this module knows nothing about process groups.
+Ranks and world size arrive as plain integers: this module knows nothing about process groups. Nor
+does it read the run's whole config: it gets the ``data`` section (`DataConfig`) and a frozen
+`PipelineSpec` that the caller decides once (batch size, seed, augmentation, input size, memory
+format, normalisation, loader), so every knob that reaches a pipeline is visible where it is built.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Iterator, Optional
+from typing import Iterator, Literal, Optional
 
 import numpy as np
 import torch
 
-from distrain.config import Config
+from distrain.config import Config, DataConfig
 from distrain.data import cifar10, synthetic
 from distrain.data.augment import CropFlipParams, Normalizer, PaddedStore, crop_flip
 from distrain.data.cache import load_cifar10_cached
@@ -45,16 +48,32 @@ class Split:
         return len(self.labels)
 
 
-def prepare_data(cfg: Config) -> None:
+@dataclass(frozen=True)
+class PipelineSpec:
+    """What one input pipeline does besides reading its split; decided once, by the caller."""
+
+    batch_size: int  # micro-batch size (training) or evaluation batch size
+    seed: int  # augmentation parameters are drawn from (seed, epoch)
+    augment: bool  # crop + flip of in-memory training splits (image folders augment in decoding)
+    input_size: int  # side of the network input; batches are resized on the device when it differs
+    mean: tuple = cifar10.MEAN
+    std: tuple = cifar10.STD
+    channels_last: bool = False
+    loader: Literal["auto", "device", "dataloader"] = "auto"
+    num_workers: Optional[int] = None  # DataLoader workers; None: 0 in memory, else by cores
+
+
+def prepare_data(data: DataConfig) -> None:
     """Fetch what is missing (main process only; the others wait for it)."""
-    if cfg.data.name == "cifar10":
-        cifar10.ensure_cifar10(cfg.data.root, download=cfg.data.download)
-    elif cfg.data.name == "imagefolder" and cfg.data.verify:
-        # Every file's header, before any rank starts: a bad file fails all ranks at once, not one rank mid-epoch.
+    if data.name == "cifar10":
+        cifar10.ensure_cifar10(data.root, download=data.download)
+    elif data.name == "imagefolder" and data.verify:
+        # Every file's header, before any rank starts: a bad file fails all ranks at once, not one
+        # rank mid-epoch.
         from distrain.data import imagefolder
 
         for split in ("train", "val"):
-            imagefolder.check_readable(imagefolder.scan_imagefolder(cfg.data.root, split)[0])
+            imagefolder.check_readable(imagefolder.scan_imagefolder(data.root, split)[0])
 
 
 def normalization(cfg: Config) -> tuple[tuple, tuple]:
@@ -64,37 +83,42 @@ def normalization(cfg: Config) -> tuple[tuple, tuple]:
     return cifar10.MEAN, cifar10.STD
 
 
-def load_split(cfg: Config, train: bool) -> Split:
-    d = cfg.data
-    limit = d.max_train_samples if train else d.max_test_samples
-    if d.name == "cifar10":
-        # Decoded once and cached next to the data (invalidated when the files change): data/cache.py.
-        images, labels, classes = load_cifar10_cached(d.root, train=train, verify=d.verify, max_samples=limit)
-    elif d.name == "synthetic":
+def load_split(data: DataConfig, train: bool, seed: int, num_classes: int,
+               input_size: int = 32) -> Split:
+    """The training or test split of ``data``; ``seed`` draws synthetic data and image-folder
+    augmentation, ``input_size`` is the decoded size of image-folder images."""
+    limit = data.max_train_samples if train else data.max_test_samples
+    if data.name == "cifar10":
+        # Decoded once and cached next to the data (invalidated when the files change): cache.py.
+        images, labels, classes = load_cifar10_cached(data.root, train=train, verify=data.verify,
+                                                      max_samples=limit)
+    elif data.name == "synthetic":
         images, labels, classes = synthetic.make_synthetic(
-            train=train, seed=cfg.train.seed, num_classes=cfg.model.num_classes, max_samples=limit
-        )
-    elif d.name == "imagefolder":
-        from distrain.data import imagefolder
-
-        split = "train" if train else "val"
-        paths, labels, classes = imagefolder.scan_imagefolder(d.root, split)
-        if limit is not None:
-            paths, labels = paths[:limit], labels[:limit]
-        ds = imagefolder.ImageFolderDataset(
-            paths, labels, size=cfg.model.input_size, train=train, augment=d.augment and train, seed=cfg.train.seed
-        )
-        return Split(torch.as_tensor(np.asarray(labels), dtype=torch.int64), list(classes), dataset=ds,
-                     source=os.path.join(d.root, split))
+            train=train, seed=seed, num_classes=num_classes, max_samples=limit)
+    elif data.name == "imagefolder":
+        return _image_folder(data, train, seed, input_size, limit)
     else:  # validated by config; kept for clarity
-        raise UserError(f"config key 'data.name': unknown dataset '{d.name}'")
-    if int(np.max(labels, initial=0)) >= cfg.model.num_classes:
-        raise UserError(
-            f"config key 'model.num_classes' is {cfg.model.num_classes} but the {d.name} data has labels up to "
-            f"{int(np.max(labels))}; set model.num_classes={int(np.max(labels)) + 1}"
-        )
+        raise UserError(f"config key 'data.name': unknown dataset '{data.name}'")
+    top = int(np.max(labels, initial=0))
+    if top >= num_classes:
+        raise UserError(f"config key 'model.num_classes' is {num_classes} but the {data.name} data "
+                        f"has labels up to {top}; set model.num_classes={top + 1}")
     return Split(torch.from_numpy(np.ascontiguousarray(labels)).long(), list(classes),
-                 images=torch.from_numpy(np.ascontiguousarray(images)), source=d.name)
+                 images=torch.from_numpy(np.ascontiguousarray(images)), source=data.name)
+
+
+def _image_folder(data: DataConfig, train: bool, seed: int, input_size: int,
+                  limit: Optional[int]) -> Split:
+    from distrain.data import imagefolder
+
+    split = "train" if train else "val"
+    paths, labels, classes = imagefolder.scan_imagefolder(data.root, split)
+    if limit is not None:
+        paths, labels = paths[:limit], labels[:limit]
+    ds = imagefolder.ImageFolderDataset(paths, labels, size=input_size, train=train,
+                                        augment=data.augment and train, seed=seed)
+    return Split(torch.as_tensor(np.asarray(labels), dtype=torch.int64), list(classes), dataset=ds,
+                 source=os.path.join(data.root, split))
 
 
 def _worker_message(text: str) -> str:
@@ -112,30 +136,32 @@ class _InMemory(torch.utils.data.Dataset):
         return len(self.labels)
 
     def __getitem__(self, i):
-        if isinstance(i, tuple):  # (epoch, index) from PlanBatchSampler; in-memory images are augmented later
+        if isinstance(i, tuple):  # (epoch, index) from PlanBatchSampler; augmented in batches
             i = i[1]
         return self.images[i], self.labels[i], i
 
 
 def default_num_workers(local_world_size: int = 1) -> int:
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if hasattr(os, "sched_getaffinity"):
+        cpus = len(os.sched_getaffinity(0))
+    else:
+        cpus = os.cpu_count() or 1
     return max(1, min(8, cpus // max(1, local_world_size) - 1))
 
 
 class InputPipeline:
     """Normalised device batches of one split, for one rank, following the epoch plan."""
 
-    def __init__(self, split: Split, cfg: Config, device: torch.device, rank: int, world_size: int,
-                 train: bool, local_world_size: int = 1, eval_batch_size: Optional[int] = None,
-                 mean_std: Optional[tuple] = None):
-        self.split, self.cfg, self.device = split, cfg, torch.device(device)
+    def __init__(self, split: Split, spec: PipelineSpec, device: torch.device, rank: int,
+                 world_size: int, train: bool, local_world_size: int = 1):
+        self.split, self.spec, self.device = split, spec, torch.device(device)
         self.rank, self.world_size, self.train = rank, world_size, train
-        mean, std = mean_std or normalization(cfg)
-        self.normalize = Normalizer(mean, std, cfg.model.input_size, self.device, cfg.model.channels_last)
-        # Image folders are augmented while decoding (random resized crop); in-memory splits on the device.
-        self.augment = train and cfg.data.augment and split.images is not None
-        self.batch_size = cfg.train.batch_size if train else (eval_batch_size or cfg.train.batch_size)
-        self.mode = self._choose_mode(cfg.data.loader)
+        self.normalize = Normalizer(spec.mean, spec.std, spec.input_size, self.device,
+                                    spec.channels_last)
+        # Image folders are augmented while decoding (random resized crop), in-memory splits here.
+        self.augment = train and spec.augment and split.images is not None
+        self.batch_size = spec.batch_size
+        self.mode = self._choose_mode(spec.loader)
         self.plan: Optional[EpochPlan] = None
         self.start_micro = 0
         self._params: Optional[CropFlipParams] = None
@@ -144,15 +170,26 @@ class InputPipeline:
             # Copied once; every later batch is a gather on the device.
             self.images = split.images.to(self.device)
             self.labels = split.labels.to(self.device)
-            if self.augment:  # padded and mirrored once: a batch's gather + crop + flip is one row gather
+            if self.augment:  # padded once: a batch's gather + crop is one row gather
                 self.store = PaddedStore(self.images)
+                self.images = self.store.images  # a view: the unpadded copy is not kept twice
+                if split.images.device == self.device:
+                    split.images = self.images  # nor by the split (same values, same device)
         else:
-            ds = split.dataset if split.dataset is not None else _InMemory(split.images, split.labels)
-            workers = cfg.data.num_workers
+            ds = split.dataset
+            if ds is None:
+                ds = _InMemory(split.images, split.labels)
+            workers = spec.num_workers
             if workers is None:
                 workers = 0 if split.images is not None else default_num_workers(local_world_size)
-            self.sample_shape = (3, cfg.model.input_size, cfg.model.input_size) if split.images is None else tuple(split.images.shape[1:])
-            self.batch_sampler = PlanBatchSampler() if train else IndexBatchSampler(eval_shard(len(split), world_size, rank), self.batch_size)
+            side = spec.input_size
+            in_memory = split.images is not None
+            self.sample_shape = tuple(split.images.shape[1:]) if in_memory else (3, side, side)
+            shard = eval_shard(len(split), world_size, rank)
+            if train:
+                self.batch_sampler = PlanBatchSampler()
+            else:
+                self.batch_sampler = IndexBatchSampler(shard, self.batch_size)
             self.loader = torch.utils.data.DataLoader(
                 ds, batch_sampler=self.batch_sampler, num_workers=workers, collate_fn=self._collate,
                 pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
@@ -162,32 +199,33 @@ class InputPipeline:
     def _choose_mode(self, wanted: str) -> str:
         in_memory = self.split.images is not None
         if wanted == "device" and not in_memory:
-            raise UserError("config key 'data.loader=device' needs an in-memory dataset (cifar10, synthetic); "
-                            "image folders use data.loader=dataloader")
+            raise UserError("config key 'data.loader=device' needs an in-memory dataset (cifar10, "
+                            "synthetic); image folders use data.loader=dataloader")
         if wanted == "auto":
             if not in_memory:
                 return "dataloader"
             if self.device.type == "cuda":
                 free, _ = torch.cuda.mem_get_info(self.device)
-                # The split, plus its padded and mirrored store when augmenting (3.1x), plus batches.
-                need = self.split.images.numel() * (5 if self.augment else 2)
+                # The split or its padded store (1.6x, built beside it), and batches.
+                need = self.split.images.numel() * (3 if self.augment else 2)
                 return "device" if need < free // 4 else "dataloader"
             return "device"
         return wanted
 
     def _collate(self, batch):
         if not batch:  # a rank's share of the last global batch can be empty
-            return (torch.empty((0, *self.sample_shape), dtype=torch.uint8), torch.empty(0, dtype=torch.int64),
-                    torch.empty(0, dtype=torch.int64))
+            return (torch.empty((0, *self.sample_shape), dtype=torch.uint8),
+                    torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64))
         imgs, labels, idx = zip(*batch)
-        return torch.stack(imgs), torch.as_tensor(labels, dtype=torch.int64), torch.as_tensor(idx, dtype=torch.int64)
+        return (torch.stack(imgs), torch.as_tensor(labels, dtype=torch.int64),
+                torch.as_tensor(idx, dtype=torch.int64))
 
     # -- training --------------------------------------------------------------------------------
     def set_epoch(self, plan: EpochPlan, start_micro: int = 0) -> None:
         """Start ``plan`` at micro-batch ``start_micro``; skipped batches are never read."""
         self.plan, self.start_micro = plan, start_micro
         if self.augment:
-            self._params = CropFlipParams.draw(len(self.split), self.cfg.train.seed, plan.epoch)
+            self._params = CropFlipParams.draw(len(self.split), self.spec.seed, plan.epoch)
             if self.mode == "device":
                 self._params = self._params.to(self.device)
         if self.mode == "dataloader":
@@ -207,13 +245,14 @@ class InputPipeline:
             nb = self.device.type == "cuda"
             try:
                 for x, y, idx in self.loader:
-                    yield self._finish(x.to(self.device, non_blocking=nb), y.to(self.device, non_blocking=nb), idx)
-            except UserError as e:  # from a worker: the DataLoader wraps the message in the worker's traceback
+                    x, y = x.to(self.device, non_blocking=nb), y.to(self.device, non_blocking=nb)
+                    yield self._finish(x, y, idx)
+            except UserError as e:  # from a worker, whose traceback the DataLoader wraps around it
                 raise UserError(_worker_message(str(e))) from None
 
     def _gather(self, idx: torch.Tensor):
         idx_dev = idx.to(self.device, non_blocking=True)
-        labels = torch.index_select(self.labels, 0, idx_dev)  # index_select: ~9x faster than [idx] on a CPU
+        labels = torch.index_select(self.labels, 0, idx_dev)  # on a CPU ~9x faster than [idx]
         if self.store is not None:  # augmented here, in the same gather
             return self.store.crop_flip(idx_dev, self._params.take(idx_dev)), labels, idx
         return torch.index_select(self.images, 0, idx_dev), labels, idx
