@@ -18,6 +18,16 @@ Who sends what (see slurm/train.sbatch):
   SIGKILL ``KillWait`` seconds later (30 s by default; torch's elastic agent also kills its workers 30 s after
   forwarding a SIGTERM), so finish the current step, save and exit well within that. SLURM requeues or cancels
   the job by itself: no :func:`requeue_slurm_job` here.
+* ``SIGHUP`` -- the terminal or the SSH session closed (or ``kill -HUP``): a stop like SIGTERM. The terminal is
+  gone, so writes to it would fail (EIO) and break the stop path: on SIGHUP, stdout/stderr on a hung-up terminal
+  are pointed at /dev/null first (other outputs, files and pipes, are kept). Under ``accelerate launch`` the
+  launcher gets the hang-up (the workers run in sessions of their own) and forwards SIGHUP to its workers, as it
+  does SIGTERM (torch's elastic agent handles SIGTERM, SIGINT, SIGHUP and SIGQUIT so, and overrides ``nohup``'s
+  SIG_IGN: to outlive a logout, start the run in tmux/screen or with ``setsid``).
+* The launcher's death -- a worker started by torch's elastic agent (``accelerate launch``, torchrun) asks the
+  kernel for a SIGTERM when its launcher exits (``prctl(PR_SET_PDEATHSIG)``, Linux; :func:`die_with_launcher`):
+  killing the launcher, even with SIGKILL, stops the workers (stop checkpoint, exit 75) instead of leaving them
+  training as orphans. If a peer is gone as well, distrain.watchdog bounds the wait.
 * ``SIGINT`` -- Ctrl-C. The first one asks for a clean stop; another SIGINT while a stop is pending raises
   ``KeyboardInterrupt`` at once (no checkpoint). Under ``accelerate launch`` the terminal's Ctrl-C goes to the
   launcher, which forwards one SIGINT to its workers (they run in their own sessions).
@@ -34,32 +44,90 @@ after SIGTERM SLURM is cancelling/requeueing/preempting it. Note that ``accelera
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
 import signal
+import stat
 import subprocess
+import sys
+import termios
 import threading
 from types import FrameType
 from typing import Callable, Optional, Union
+
+from distrain import slurm
 
 EXIT_STOPPED: int = 75
 """Exit code of a run that stopped early on request after saving a checkpoint (EX_TEMPFAIL; see module doc)."""
 
 _Handler = Union[Callable[[int, Optional[FrameType]], object], int, signal.Handlers, None]
 
-STOP_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+STOP_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP)
+
+# The parent as early as this process can see it (this module is imported before torch): a launcher that dies
+# before die_with_launcher() has set the death signal is noticed by comparing with it.
+_PARENT_AT_IMPORT = os.getppid()
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 def in_slurm() -> bool:
     """True inside a SLURM job (batch script, srun step or salloc shell)."""
-    return bool(os.environ.get("SLURM_JOB_ID") or os.environ.get("SLURM_JOBID"))
+    return slurm.in_slurm()
 
 
 def slurm_job_ref() -> Optional[str]:
     """The job as ``scontrol`` names it: ``"123"``, or ``"123_4"`` for task 4 of array job 123; None outside SLURM."""
-    array_job, array_task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
-    if array_job and array_task:
-        return f"{array_job}_{array_task}"
-    return os.environ.get("SLURM_JOB_ID") or os.environ.get("SLURM_JOBID") or None
+    return slurm.job_ref()
+
+
+def under_launcher() -> bool:
+    """Started as a worker of torch's elastic agent (``accelerate launch`` with several processes, torchrun)."""
+    return bool(os.environ.get("TORCHELASTIC_RUN_ID"))
+
+
+def die_with_launcher(sig: signal.Signals = signal.SIGTERM) -> bool:
+    """Have the kernel send ``sig`` to this process when its parent (the launcher) exits; True if set.
+
+    Linux only (``prctl(PR_SET_PDEATHSIG)``); elsewhere a no-op returning False. The signal comes when the
+    parent *thread* that forked this process exits: torch's elastic agent starts its workers from its main thread,
+    which lives as long as the launcher. A launcher that died before this call (the death signal is not sent
+    retroactively) is noticed by the parent having changed since this module's import, or being init: then
+    ``sig`` is sent at once.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
+            return False
+    except (OSError, AttributeError):
+        return False
+    if os.getppid() != _PARENT_AT_IMPORT or _PARENT_AT_IMPORT == 1:
+        os.kill(os.getpid(), sig)
+    return True
+
+
+def silence_hung_up_terminal() -> list[int]:
+    """Point stdout/stderr at /dev/null where they are a terminal that was hung up; returns the fds redirected.
+
+    A hung-up terminal fails every write (and tcgetattr) with EIO; a live terminal, a file or a pipe is kept.
+    """
+    done = []
+    for fd in (1, 2):
+        try:
+            if not stat.S_ISCHR(os.fstat(fd).st_mode):
+                continue
+            termios.tcgetattr(fd)
+        except termios.error as e:
+            if e.args and e.args[0] == errno.EIO:
+                null = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(null, fd)
+                os.close(null)
+                done.append(fd)
+        except OSError:
+            continue
+    return done
 
 
 def requeue_slurm_job(timeout: float = 60.0) -> None:
@@ -115,7 +183,7 @@ def shield_data_worker(worker_id: int = 0) -> None:
 
 
 class StopSignals:
-    """Installs handlers for SIGTERM, SIGINT, SIGUSR1 (and restores the old ones on uninstall); handlers only set flags.
+    """Installs handlers for SIGTERM, SIGINT, SIGUSR1, SIGHUP (restored on uninstall); handlers only set flags.
 
     Usage::
 
@@ -134,7 +202,9 @@ class StopSignals:
     handlers only there). The first signal decides :attr:`reason`; later SIGTERM/SIGUSR1 are absorbed (SLURM sends
     SIGTERM after the job requeued itself; the elastic agent forwards SIGTERM again). A SIGUSR1 under SLURM sets
     :attr:`requeue` unless a SIGTERM came first (then SLURM is already cancelling, requeueing or preempting the
-    job). A SIGINT while a stop is pending raises KeyboardInterrupt: the second Ctrl-C stops at once.
+    job). A SIGINT while a stop is pending raises KeyboardInterrupt: the second Ctrl-C stops at once. SIGHUP also
+    silences a hung-up terminal (:func:`silence_hung_up_terminal`). Under torch's elastic agent, install() also
+    asks for a SIGTERM when the launcher dies (:func:`die_with_launcher`).
     """
 
     def __init__(self, signals: tuple[signal.Signals, ...] = STOP_SIGNALS) -> None:
@@ -144,6 +214,7 @@ class StopSignals:
         self._requeue = False
         self._terminated = False
         self._count = 0
+        self._parent = os.getppid()
 
     # -- installation ------------------------------------------------------------------------------------------
 
@@ -158,6 +229,8 @@ class StopSignals:
         # launch/slurm_node.py blocks SIGUSR1 so that SLURM's warning waits for this handler: take it now (a pending
         # one runs the handler at once).
         signal.pthread_sigmask(signal.SIG_UNBLOCK, set(self._signals))
+        if signal.SIGTERM in self._signals and under_launcher():
+            die_with_launcher(signal.SIGTERM)  # after the handler: the launcher's death is a stop request
         return self
 
     def uninstall(self) -> None:
@@ -183,6 +256,8 @@ class StopSignals:
         if sig == signal.SIGINT and self._reason is not None:
             raise KeyboardInterrupt(f"second interrupt while stopping on {self._reason}")
         self._count += 1
+        if sig == signal.SIGHUP:
+            silence_hung_up_terminal()  # before anything on the stop path writes to the closed terminal
         if self._reason is None:
             self._reason = sig.name
         if sig == signal.SIGTERM:
@@ -200,7 +275,7 @@ class StopSignals:
 
     @property
     def reason(self) -> Optional[str]:
-        """The first signal received: ``"SIGTERM"``, ``"SIGINT"`` or ``"SIGUSR1"``; None if none."""
+        """The first signal received: ``"SIGTERM"``, ``"SIGINT"``, ``"SIGUSR1"`` or ``"SIGHUP"``; None if none."""
         return self._reason
 
     @property
@@ -220,7 +295,10 @@ class StopSignals:
         why = {
             "SIGUSR1": "SLURM time limit near or scancel --signal=USR1" if in_slurm() else "SIGUSR1",
             "SIGTERM": "cancelled, requeued or preempted by SLURM" if in_slurm() else "terminated",
+            "SIGHUP": "terminal or SSH session closed",
             "SIGINT": "interrupted (Ctrl-C again to stop at once)",
         }[self._reason]
+        if self._reason == "SIGTERM" and os.getppid() != self._parent:
+            why += "; the launcher is gone"
         then = "checkpoint, requeue" if self._requeue else "checkpoint"
         return f"{self._reason} ({why}): {then}, exit {EXIT_STOPPED}"

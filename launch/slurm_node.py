@@ -21,14 +21,16 @@ get it during start-up; SIG_IGN, used before, dropped it and the job then ran in
 SIGTERM/SIGINT are left alone: the agent forwards them to its workers and waits up to 30 s
 (TORCH_ELASTIC_SHUTDOWN_TIMEOUT) before killing them; SLURM signals the workers directly too.
 
-Environment it reads (train.sbatch sets the first two; all have fallbacks):
-  MASTER_ADDR              rendezvous host, default: first host of ``scontrol show hostnames $SLURM_JOB_NODELIST``
-  MASTER_PORT              rendezvous port, default: 15000 + SLURM_JOB_ID % 16000 (below the ephemeral range)
+Environment it reads (train.sbatch sets the first two; all have fallbacks in distrain/slurm.py, the one owner of
+the job reference, rendezvous address and port):
+  MASTER_ADDR              rendezvous host, default: DISTRAIN_MASTER_ADDR, else the job's first node
+  MASTER_PORT              rendezvous port, default: DISTRAIN_MASTER_PORT, else 15000 + SLURM_JOB_ID % 16000
   DISTRAIN_PROCS_PER_NODE  processes on this node, default: GPUs allocated to this node (SLURM_GPUS_ON_NODE,
                            else CUDA_VISIBLE_DEVICES, else ``nvidia-smi -L``), 1 on a CPU-only node
   DISTRAIN_MODULE          the module to run, default ``distrain``
 
 ``--dry-run`` prints the decision as JSON instead of exec'ing (tests; checking a cluster's environment).
+``--job-facts`` prints ``JOB_REF MASTER_ADDR MASTER_PORT`` on one line (train.sbatch reads it) and exits.
 """
 
 from __future__ import annotations
@@ -44,25 +46,27 @@ import shlex
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
-PORT_BASE = 15000
-PORT_SPAN = 16000  # ports 15000..30999: below Linux's ephemeral range (32768+), above most services
+# The launcher belongs to its checkout: take distrain (its SLURM facts) from there, whatever else is installed.
+_CHECKOUT = Path(__file__).resolve().parents[1]
+if (_CHECKOUT / "distrain" / "slurm.py").is_file():
+    sys.path.insert(0, str(_CHECKOUT))
+
+from distrain import slurm  # noqa: E402
+from distrain.slurm import port_for_job  # noqa: E402,F401 - part of this script's interface (tests)
+
+
+def _checked(fn, *args):
+    """A distrain.slurm answer; a malformed variable ends the launcher with a message naming it."""
+    try:
+        return fn(*args)
+    except ValueError as e:
+        raise SystemExit(f"slurm_node.py: {e}") from None
 
 
 def _env_int(env, *names):
-    for name in names:
-        value = env.get(name, "").strip()
-        if value:
-            try:
-                return int(value)
-            except ValueError:
-                raise SystemExit(f"slurm_node.py: {name}={value!r} is not an integer") from None
-    return None
-
-
-def port_for_job(job_id: int) -> int:
-    """The rendezvous port for a job: distinct for jobs whose ids differ by less than PORT_SPAN."""
-    return PORT_BASE + job_id % PORT_SPAN
+    return _checked(slurm.env_int, env, *names)
 
 
 def _count_gpus(env) -> int:
@@ -81,14 +85,6 @@ def _count_gpus(env) -> int:
         except (OSError, subprocess.SubprocessError):
             return 0
     return 0
-
-
-def _first_host(env) -> str:
-    nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
-    if not nodelist:
-        return "127.0.0.1"
-    out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
-    return out.stdout.split()[0]
 
 
 def plan(args: list[str], env=None, python: str = sys.executable) -> dict:
@@ -117,11 +113,10 @@ def plan(args: list[str], env=None, python: str = sys.executable) -> dict:
     if world == 1:
         argv = [python, "-m", module, *args]
     else:
-        master_addr = env.get("MASTER_ADDR") or _first_host(env)
+        master_addr = env.get("MASTER_ADDR") or slurm.master_addr(env)
         master_port = _env_int(env, "MASTER_PORT")
         if master_port is None:
-            job_id = _env_int(env, "SLURM_JOB_ID", "SLURM_JOBID")
-            master_port = port_for_job(job_id) if job_id is not None else 29500
+            master_port = _checked(slurm.master_port, env)
         argv = [python, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(world)]
         if num_nodes > 1:
             argv += ["--num_machines", str(num_nodes), "--machine_rank", str(node_rank)]
@@ -148,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         opt = argv.pop(0)
         if opt == "--dry-run":
             dry_run = True
+        elif opt == "--job-facts":
+            return slurm.main([])
         elif opt in ("-h", "--help"):
             print(__doc__)
             return 0

@@ -110,7 +110,8 @@ def tree(tmp_path: Path) -> Path:
     (tmp_path / "distrain").mkdir()
     shutil.copy(REPO / "slurm" / "train.sbatch", tmp_path / "slurm" / "train.sbatch")
     shutil.copy(REPO / "launch" / "slurm_node.py", tmp_path / "launch" / "slurm_node.py")
-    shutil.copy(REPO / "distrain" / "signals.py", tmp_path / "distrain" / "signals.py")
+    for module in ("signals.py", "slurm.py"):
+        shutil.copy(REPO / "distrain" / module, tmp_path / "distrain" / module)
     (tmp_path / "distrain" / "__init__.py").write_text("")
     (tmp_path / "distrain" / "__main__.py").write_text(FAKE_MAIN)
     return tmp_path
