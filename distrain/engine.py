@@ -81,9 +81,12 @@ def deepspeed_requested() -> bool:
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
 
 
-def make_accelerator(rt: Runtime, find_unused: bool = False, comm_hook: str = "none", static_graph: bool = False):
+def make_accelerator(rt: Runtime, find_unused: bool = False, comm_hook: str = "none", static_graph: bool = False,
+                     collective_timeout: Optional[float] = None):
+    from datetime import timedelta
+
     from accelerate import Accelerator
-    from accelerate.utils import DDPCommunicationHookType, DistributedDataParallelKwargs
+    from accelerate.utils import DDPCommunicationHookType, DistributedDataParallelKwargs, InitProcessGroupKwargs
 
     # gradient_as_bucket_view saves a gradient-sized copy (VGG16: 0.5 GB in fp32). The comm hook all-reduces
     # gradients in 16 bits (train.ddp_comm_hook); static_graph lets DDP skip per-step graph bookkeeping when
@@ -93,6 +96,9 @@ def make_accelerator(rt: Runtime, find_unused: bool = False, comm_hook: str = "n
     ddp = DistributedDataParallelKwargs(gradient_as_bucket_view=True, find_unused_parameters=find_unused,
                                         comm_hook=hook, static_graph=static_graph)
     handlers: list = [ddp]
+    # WIRING (train.collective_timeout_s). accelerate passes on only the fields that differ from
+    # InitProcessGroupKwargs()'s own (timeout 600 s): the microsecond keeps 600 s from becoming torch's default.
+    init: dict = {"timeout": timedelta(seconds=collective_timeout, microseconds=1)} if collective_timeout else {}
     cpu = rt.device == "cpu"
     if deepspeed_requested():
         import importlib.util
@@ -108,9 +114,9 @@ def make_accelerator(rt: Runtime, find_unused: bool = False, comm_hook: str = "n
             if torch.cuda.is_available():
                 raise UserError("DeepSpeed with train.device=cpu on a host with GPUs is not supported; "
                                 "use train.device=auto")
-            from accelerate.utils import InitProcessGroupKwargs
-
-            handlers.append(InitProcessGroupKwargs(backend="gloo"))
+            init["backend"] = "gloo"
+    if init:
+        handlers.append(InitProcessGroupKwargs(**init))
     return Accelerator(cpu=cpu, mixed_precision=rt.precision, kwargs_handlers=handlers,
                        step_scheduler_with_optimizer=False)
 
@@ -170,7 +176,8 @@ class Trainer:
         # static_graph: the trained parameters never change, unless the backbone is unfrozen later; DDP's
         # static graph also fails inside no_sync (an internal assert), so not with gradient accumulation.
         static = cfg.model.unfreeze_after_epochs is None and cfg.train.grad_accum_steps == 1
-        self.accelerator = make_accelerator(self.rt, comm_hook=cfg.train.ddp_comm_hook, static_graph=static)
+        self.accelerator = make_accelerator(self.rt, comm_hook=cfg.train.ddp_comm_hook, static_graph=static,
+                                            collective_timeout=cfg.train.collective_timeout_s)
         acc = self.accelerator
         self.rank, self.world = acc.process_index, acc.num_processes
         self.is_main = acc.is_main_process
@@ -859,15 +866,35 @@ def _let_threads_settle(timeout: float = 2.0, poll: float = 0.02) -> None:
             return
 
 
+def start_watchdog(trainer: "Trainer", signals) -> Optional[object]:
+    """WIRING: the peer watchdog (distrain/watchdog.py) on a store client of its own (public torch API)."""
+    if trainer.world == 1 or trainer.cfg.train.peer_timeout_s is None:
+        return None
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from distrain.watchdog import Watchdog, default_interval
+
+    timeout = trainer.cfg.train.peer_timeout_s
+    client = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                           wait_for_workers=False, timeout=timedelta(seconds=2 * default_interval(timeout)))
+    store = dist.PrefixStore(f"distrain/watchdog/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/", client)
+    return Watchdog(store, trainer.rank, trainer.world, timeout, stop=signals).start()
+
+
 def train(cfg: Config, signals=None) -> int:
     trainer = Trainer(cfg)
     trainer.signals = signals
+    watchdog = start_watchdog(trainer, signals)
     try:
         trainer.setup()
         code = trainer.fit()
         close_distributed(trainer.accelerator)  # every rank is here: after the export, or the stop and its barrier
         return code
     finally:
+        if watchdog is not None:
+            watchdog.stop()
         trainer.progress.close()
         if hasattr(trainer, "metrics"):
             trainer.metrics.close()
