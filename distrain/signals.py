@@ -65,8 +65,8 @@ _Handler = Union[Callable[[int, Optional[FrameType]], object], int, signal.Handl
 
 STOP_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP)
 
-# The parent as early as this process can see it (this module is imported before torch): a launcher that dies
-# before die_with_launcher() has set the death signal is noticed by comparing with it.
+# The parent as early as this process can see it (this module is imported before torch): a launcher
+# that dies before die_with_launcher() has set the death signal is noticed by comparing with it.
 _PARENT_AT_IMPORT = os.getppid()
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
@@ -160,7 +160,7 @@ def shield_data_worker(worker_id: int = 0) -> None:
     SLURM (every process of the job step), ``kill -- -PGID``, a terminal's Ctrl-C and cgroup-wide kills also reach
     the workers. torch's worker dies of a SIGTERM that its parent did not send, and the trainer then fails at once
     ("DataLoader worker ... is killed by signal: Terminated") instead of finishing the step and writing its stop
-    checkpoint, which needs the workers for the rest of the step. So here SIGINT and SIGUSR1 are ignored, and
+    checkpoint, which needs the workers for the rest of the step. So here SIGINT, SIGUSR1, SIGHUP are ignored, and
     SIGTERM is blocked and taken by a thread that knows its sender: from the parent (multiprocessing's terminate()
     of daemonic workers at exit, the DataLoader's last resort) the worker exits at once, as torch's own handler does;
     from anyone else it is ignored. Workers still leave when the trainer shuts its DataLoaders down or dies, and
@@ -168,6 +168,8 @@ def shield_data_worker(worker_id: int = 0) -> None:
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a terminal's hang-up reaches the trainer's process group
+    signal.set_wakeup_fd(-1)  # the trainer's StopSignals pipe, inherited by fork: not this process's to write
     if not hasattr(signal, "sigwaitinfo"):  # macOS: no sender information; keep torch's SIGTERM handling
         return
     parent = os.getppid()
@@ -214,9 +216,13 @@ class StopSignals:
         self._requeue = False
         self._terminated = False
         self._count = 0
-        self._parent = os.getppid()
+        self._arrived: Optional[str] = None
+        self._wake: Optional[tuple[int, int]] = None  # (read, write) ends of the wakeup pipe while installed
+        self._old_wakeup = -1
+        self._wake_lock = threading.Lock()
 
-    # -- installation ------------------------------------------------------------------------------------------
+    # -- installation
+    # ------------------------------------------------------------------------------------------
 
     def install(self) -> "StopSignals":
         """Install the handlers (idempotent); returns self."""
@@ -226,8 +232,16 @@ class StopSignals:
             raise RuntimeError("StopSignals.install() must be called from the main thread")
         for sig in self._signals:
             self._old[sig] = signal.signal(sig, self._handle)
-        # launch/slurm_node.py blocks SIGUSR1 so that SLURM's warning waits for this handler: take it now (a pending
-        # one runs the handler at once).
+        # Python runs a handler only when the main thread is back in Python code; blocked in a
+        # collective it never is. The interpreter's C-level handler writes the signal number to this
+        # pipe at once: `arrived` reads it.
+        r, w = os.pipe()
+        os.set_blocking(r, False)
+        os.set_blocking(w, False)
+        self._wake = (r, w)
+        self._old_wakeup = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+        # launch/slurm_node.py blocks SIGUSR1 so that SLURM's warning waits for this handler: take
+        # it now (a pending one runs the handler at once).
         signal.pthread_sigmask(signal.SIG_UNBLOCK, set(self._signals))
         if signal.SIGTERM in self._signals and under_launcher():
             die_with_launcher(signal.SIGTERM)  # after the handler: the launcher's death is a stop request
@@ -238,6 +252,12 @@ class StopSignals:
         old, self._old = self._old, {}
         for sig, handler in old.items():
             signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        with self._wake_lock:
+            wake, self._wake = self._wake, None
+        if wake is not None:
+            signal.set_wakeup_fd(self._old_wakeup)
+            for fd in wake:
+                os.close(fd)
 
     @property
     def installed(self) -> bool:
@@ -249,7 +269,8 @@ class StopSignals:
     def __exit__(self, *exc) -> None:
         self.uninstall()
 
-    # -- the handler: flags only -------------------------------------------------------------------------------
+    # -- the handler: flags only
+    # -------------------------------------------------------------------------------
 
     def _handle(self, signum: int, frame: Optional[FrameType]) -> None:
         sig = signal.Signals(signum)
@@ -263,15 +284,31 @@ class StopSignals:
         if sig == signal.SIGTERM:
             self._terminated = True
         elif sig == signal.SIGUSR1 and in_slurm() and not self._terminated:
-            # After a SIGTERM SLURM is already cancelling, requeueing or preempting the job: leave it to SLURM.
+            # After a SIGTERM SLURM is already cancelling, requeueing or preempting the job: leave
+            # it to SLURM.
             self._requeue = True
 
-    # -- what the training loop reads --------------------------------------------------------------------------
+    # -- what the training loop reads
+    # --------------------------------------------------------------------------
 
     @property
     def requested(self) -> bool:
         """A stop was asked for on this process (any rank may be first: agree across ranks before acting)."""
         return self._reason is not None
+
+    @property
+    def arrived(self) -> Optional[str]:
+        """The first stop signal that reached this process, even one whose handler has not run yet because the
+        main thread is blocked in C code (a collective): for watcher threads (distrain.watchdog). None if none."""
+        with self._wake_lock:
+            if self._arrived is None and self._wake is not None:
+                try:
+                    data = os.read(self._wake[0], 4096)
+                except OSError:  # nothing there (EAGAIN)
+                    data = b""
+                names = [signal.Signals(n).name for n in data if n in {int(s) for s in self._signals}]
+                self._arrived = names[0] if names else None
+            return self._arrived or self._reason
 
     @property
     def reason(self) -> Optional[str]:
@@ -298,7 +335,7 @@ class StopSignals:
             "SIGHUP": "terminal or SSH session closed",
             "SIGINT": "interrupted (Ctrl-C again to stop at once)",
         }[self._reason]
-        if self._reason == "SIGTERM" and os.getppid() != self._parent:
+        if self._reason == "SIGTERM" and os.getppid() != _PARENT_AT_IMPORT:
             why += "; the launcher is gone"
         then = "checkpoint, requeue" if self._requeue else "checkpoint"
         return f"{self._reason} ({why}): {then}, exit {EXIT_STOPPED}"

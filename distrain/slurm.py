@@ -1,20 +1,23 @@
 """SLURM facts, one owner: the job reference, the rendezvous address and port of a job.
 
-Used by distrain.signals (the job to requeue), launch/slurm_node.py (the rendezvous of the launchers) and
-slurm/train.sbatch (the run directory and the log line, through ``slurm_node.py --job-facts``).
+Used by distrain.signals (the job to requeue), launch/slurm_node.py (the rendezvous of the
+launchers) and slurm/train.sbatch (the run directory and the log line, through ``slurm_node.py
+--job-facts``).
 
 Invariants:
 
-* Import-light: the standard library only (no torch), so that the batch shell and the per-node launcher can ask
-  without paying for torch's import.
-* Every function takes the environment as an argument (default ``os.environ``) and reads only it (plus
-  ``scontrol show hostnames`` for the first host), so every node computes the same address and port for one job.
-* The port is ``15000 + job id % 16000``: below Linux's ephemeral range (32768+) and above most services, and
-  distinct for jobs whose ids differ by less than 16000, so two jobs sharing a node do not collide. Requeued jobs
-  keep their id, hence their port. ``DISTRAIN_MASTER_ADDR`` / ``DISTRAIN_MASTER_PORT`` force the address (e.g. a
-  faster network interface) and the port.
+* Import-light: the standard library only (no torch), so that the batch shell and the per-node
+  launcher can ask without paying for torch's import.
+* Every function takes the environment as an argument (default ``os.environ``) and reads only it
+  (plus ``scontrol show hostnames`` for the first host), so every node computes the same address and
+  port for one job.
+* The port is ``15000 + job id % 16000``: below Linux's ephemeral range (32768+) and above most
+  services, and distinct for jobs whose ids differ by less than 16000, so two jobs sharing a node do
+  not collide. Requeued jobs keep their id, hence their port. ``DISTRAIN_MASTER_ADDR`` /
+  ``DISTRAIN_MASTER_PORT`` force the address (e.g. a faster network interface) and the port.
 
-``python -m distrain.slurm`` prints ``JOB_REF MASTER_ADDR MASTER_PORT`` on one line (what train.sbatch reads).
+``python -m distrain.slurm`` prints ``JOB_REF MASTER_ADDR MASTER_PORT`` on one line (what
+train.sbatch reads).
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ def _env(env: Optional[Mapping[str, str]]) -> Mapping[str, str]:
 
 
 def env_int(env: Mapping[str, str], *names: str) -> Optional[int]:
-    """The first of ``names`` that is set, as an int; None if none is; ValueError naming a non-integer one."""
+    """The first of ``names`` that is set, as an int; None if none is; ValueError if not an int."""
     for name in names:
         value = (env.get(name) or "").strip()
         if value:
@@ -59,7 +62,9 @@ def job_id(env: Optional[Mapping[str, str]] = None) -> Optional[int]:
 
 
 def job_ref(env: Optional[Mapping[str, str]] = None) -> Optional[str]:
-    """The job as ``scontrol`` names it: ``"123"``, or ``"123_4"`` for task 4 of array job 123; None outside SLURM."""
+    """The job as ``scontrol`` names it: ``"123"``, or ``"123_4"`` for task 4 of array job 123.
+
+    None outside SLURM."""
     env = _env(env)
     array_job, array_task = env.get("SLURM_ARRAY_JOB_ID"), env.get("SLURM_ARRAY_TASK_ID")
     if array_job and array_task:
@@ -73,7 +78,7 @@ def port_for_job(job: int) -> int:
 
 
 def master_port(env: Optional[Mapping[str, str]] = None) -> int:
-    """DISTRAIN_MASTER_PORT, else the job's port (:func:`port_for_job`), else torch's default outside SLURM."""
+    """DISTRAIN_MASTER_PORT, else the job's port (:func:`port_for_job`), else torch's default."""
     env = _env(env)
     forced = env_int(env, "DISTRAIN_MASTER_PORT")
     if forced is not None:
@@ -83,13 +88,13 @@ def master_port(env: Optional[Mapping[str, str]] = None) -> int:
 
 
 def first_host(env: Optional[Mapping[str, str]] = None) -> str:
-    """The job's first node (``scontrol show hostnames $SLURM_JOB_NODELIST``); 127.0.0.1 without a node list."""
+    """The job's first node (``scontrol show hostnames $SLURM_JOB_NODELIST``); 127.0.0.1 without."""
     env = _env(env)
     nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
     if not nodelist:
         return "127.0.0.1"
-    out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True,
-                         stdin=subprocess.DEVNULL)
+    out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True,
+                         text=True, check=True, stdin=subprocess.DEVNULL)
     return out.stdout.split()[0]
 
 
@@ -102,7 +107,8 @@ def master_addr(env: Optional[Mapping[str, str]] = None) -> str:
 def main(argv: Optional[list] = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if args:
-        print("usage: python -m distrain.slurm  (prints JOB_REF MASTER_ADDR MASTER_PORT)", file=sys.stderr)
+        print("usage: python -m distrain.slurm   (prints JOB_REF MASTER_ADDR MASTER_PORT)",
+              file=sys.stderr)
         return 2
     ref = job_ref()
     if ref is None:

@@ -48,7 +48,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-# The launcher belongs to its checkout: take distrain (its SLURM facts) from there, whatever else is installed.
+# The launcher belongs to its checkout: take distrain (its SLURM facts) from there, whatever else is
+# installed.
 _CHECKOUT = Path(__file__).resolve().parents[1]
 if (_CHECKOUT / "distrain" / "slurm.py").is_file():
     sys.path.insert(0, str(_CHECKOUT))
@@ -121,8 +122,9 @@ def plan(args: list[str], env=None, python: str = sys.executable) -> dict:
         if num_nodes > 1:
             argv += ["--num_machines", str(num_nodes), "--machine_rank", str(node_rank)]
             argv += ["--main_process_ip", master_addr]
-        # distrain passes its own mixed precision to Accelerator (explicit arguments beat the launcher's
-        # environment); these two only keep accelerate from warning that they were not given.
+        # distrain passes its own mixed precision to Accelerator (explicit arguments beat the
+        # launcher's environment); these two only keep accelerate from warning that they were not
+        # given.
         argv += ["--main_process_port", str(master_port), "--mixed_precision", "no", "--dynamo_backend", "no"]
         argv += ["-m", module, *args]
     return {
