@@ -23,7 +23,8 @@ Who sends what (see slurm/train.sbatch):
   are pointed at /dev/null first (other outputs, files and pipes, are kept). Under ``accelerate launch`` the
   launcher gets the hang-up (the workers run in sessions of their own) and forwards SIGHUP to its workers, as it
   does SIGTERM (torch's elastic agent handles SIGTERM, SIGINT, SIGHUP and SIGQUIT so, and overrides ``nohup``'s
-  SIG_IGN: to outlive a logout, start the run in tmux/screen or with ``setsid``).
+  SIG_IGN: to outlive a logout, start the run in tmux/screen or with ``setsid``). A single process started
+  with SIGHUP ignored (``nohup distrain train ...``) keeps ignoring it.
 * The launcher's death -- a worker started by torch's elastic agent (``accelerate launch``, torchrun) asks the
   kernel for a SIGTERM when its launcher exits (``prctl(PR_SET_PDEATHSIG)``, Linux; :func:`die_with_launcher`):
   killing the launcher, even with SIGKILL, stops the workers (stop checkpoint, exit 75) instead of leaving them
@@ -231,6 +232,8 @@ class StopSignals:
         if threading.current_thread() is not threading.main_thread():
             raise RuntimeError("StopSignals.install() must be called from the main thread")
         for sig in self._signals:
+            if sig == signal.SIGHUP and signal.getsignal(sig) == signal.SIG_IGN:
+                continue  # started under nohup: the user asked to outlive the terminal
             self._old[sig] = signal.signal(sig, self._handle)
         # Python runs a handler only when the main thread is back in Python code; blocked in a
         # collective it never is. The interpreter's C-level handler writes the signal number to this

@@ -143,6 +143,25 @@ def test_repeated_sigterm_and_usr1_are_absorbed_while_stopping():
         assert child.wait() == EXIT_STOPPED
 
 
+def test_nohup_keeps_sighup_ignored(tmp_path):
+    """`nohup distrain train ...` asked to outlive the terminal: SIGHUP stays ignored, SIGTERM still stops."""
+    proc = subprocess.Popen(["nohup", sys.executable, "-c", CHILD], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=_env(), cwd=tmp_path)
+    try:
+        assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        assert json.loads(proc.stdout.readline())["reason"] == "SIGTERM"
+        assert proc.wait(timeout=60) == EXIT_STOPPED
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+
+
 def test_usr1_after_sigterm_does_not_requeue():
     # After SIGTERM SLURM is cancelling/requeueing/preempting the job itself.
     with Child(args=[1.0], slurm=True) as child:
