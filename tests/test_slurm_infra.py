@@ -422,3 +422,27 @@ def test_sbatch_script_structure():
     out = subprocess.run(["bash", str(REPO / "slurm" / "train.sbatch")], capture_output=True, text=True,
                          env={k: v for k, v in os.environ.items() if not k.startswith("SLURM_")})
     assert out.returncode == 2 and "sbatch" in out.stderr
+
+
+def test_slurm_facts_have_one_owner_and_the_scripts_ask_it():
+    """distrain/slurm.py computes the job reference, address and port; train.sbatch asks slurm_node.py for them
+    (`--job-facts`) instead of computing them itself."""
+    from distrain import slurm
+
+    env = {"SLURM_JOB_ID": "16123"}
+    assert (slurm.job_ref(env), slurm.master_port(env), slurm.master_addr(env)) == ("16123", 15123, "127.0.0.1")
+    env.update(SLURM_ARRAY_JOB_ID="16100", SLURM_ARRAY_TASK_ID="7", DISTRAIN_MASTER_PORT="20000",
+               DISTRAIN_MASTER_ADDR="ib0-n1")
+    assert (slurm.job_ref(env), slurm.master_port(env), slurm.master_addr(env)) == ("16100_7", 20000, "ib0-n1")
+    assert slurm.job_ref({}) is None and not slurm.in_slurm({}) and slurm.master_port({}) == 29500
+    with pytest.raises(ValueError, match="SLURM_JOB_ID='x'"):
+        slurm.job_id({"SLURM_JOB_ID": "x"})
+    run = [sys.executable, str(REPO / "launch" / "slurm_node.py"), "--job-facts"]
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "DISTRAIN_"))}
+    out = subprocess.run(run, env={**clean, **env}, capture_output=True, text=True, timeout=HANG_GUARD)
+    assert out.returncode == 0 and out.stdout.split() == ["16100_7", "ib0-n1", "20000"], out.stderr
+    out = subprocess.run(run, env=clean, capture_output=True, text=True, timeout=HANG_GUARD)
+    assert out.returncode == 2 and "not inside a SLURM job" in out.stderr
+    sbatch = (REPO / "slurm" / "train.sbatch").read_text()
+    code = "\n".join(line for line in sbatch.splitlines() if not line.lstrip().startswith("#"))
+    assert "--job-facts" in code and "16000" not in code and "scontrol show hostnames" not in code
