@@ -868,7 +868,7 @@ def _let_threads_settle(timeout: float = 2.0, poll: float = 0.02) -> None:
 
 def start_watchdog(trainer: "Trainer", signals) -> Optional[object]:
     """WIRING: the peer watchdog (distrain/watchdog.py) on a store client of its own (public torch API)."""
-    if trainer.world == 1 or trainer.cfg.train.peer_timeout_s is None:
+    if trainer.world == 1 or trainer.cfg.train.peer_timeout_s is None or "MASTER_PORT" not in os.environ:
         return None
     from datetime import timedelta
 
@@ -877,8 +877,13 @@ def start_watchdog(trainer: "Trainer", signals) -> Optional[object]:
     from distrain.watchdog import Watchdog, default_interval
 
     timeout = trainer.cfg.train.peer_timeout_s
-    client = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                           wait_for_workers=False, timeout=timedelta(seconds=2 * default_interval(timeout)))
+    try:
+        client = dist.TCPStore(os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ["MASTER_PORT"]),
+                               is_master=False, wait_for_workers=False,
+                               timeout=timedelta(seconds=2 * default_interval(timeout)))
+    except Exception as e:  # noqa: BLE001 - training goes on, unwatched, and says so
+        trainer.log(f"warning: no peer watchdog (cannot reach the rendezvous store: {e})")
+        return None
     store = dist.PrefixStore(f"distrain/watchdog/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/", client)
     return Watchdog(store, trainer.rank, trainer.world, timeout, stop=signals).start()
 
