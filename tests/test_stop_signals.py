@@ -398,6 +398,25 @@ def test_frozen_rank_is_named_and_the_run_ends(tmp_path, trainings):
     named = f"rank 1 (pid {frozen.pid} on host {socket.gethostname()}) has not responded for"
     assert named in log and "(frozen or lost); stopping" in log, log[-5000:]
     assert "[rank0]: Traceback" not in log, log[-5000:]
+    _no_worker_left_and_checkpoints_intact(workers, run)
+
+
+@pytest.mark.slow
+def test_collective_timeout_ends_a_run_whose_peer_froze_without_the_watchdog(tmp_path, trainings):
+    """train.collective_timeout_s reaches the process group: with the watchdog off, the live rank's collective
+    fails after 10 s, not after gloo's default 30 minutes (the hang guard below is far shorter)."""
+    run = tmp_path / "run"
+    cfg = {**TWO_PROCS, "train.epochs": 40, "train.peer_timeout_s": "null", "train.collective_timeout_s": 10}
+    t = trainings(run, cfg, nprocs=2)
+    t.wait_for_checkpoint()
+    workers = t.workers()
+    workers[1].suspend()
+    assert t.wait(timeout=280) != 0, t.log[-5000:]
+    assert "has not responded" not in t.log and "Timed out" in t.log, t.log[-5000:]
+    _no_worker_left_and_checkpoints_intact(workers, run)
+
+
+def _no_worker_left_and_checkpoints_intact(workers: list, run: Path) -> None:
     _, alive = psutil.wait_procs(workers, timeout=60)
     for p in alive:
         p.kill()
