@@ -90,6 +90,12 @@ class TrainConfig:
     allow_batch_change: bool = False
     # DDP gradient all-reduce in bf16/fp16 (half the bytes on the wire; VGG16 has 138M gradients).
     ddp_comm_hook: Literal["none", "bf16", "fp16"] = "none"
+    # Seconds a silent peer (frozen or lost process or node) may hold up the others before every rank stops,
+    # naming it (distrain/watchdog.py, exit 1); null turns the watchdog off.
+    peer_timeout_s: Optional[float] = field(default=120.0, metadata=_range(lo=5.0))
+    # Seconds one collective may wait before the backend fails it (the process group's timeout). Rank 0's data
+    # preparation and downloads happen while the others wait in one, so keep it well above their duration.
+    collective_timeout_s: float = field(default=900.0, metadata=_range(lo=10.0))
 
 
 @dataclass

@@ -337,6 +337,29 @@ class Strategy:
         if state is not None and self.accelerator.scaler is not None:
             self.accelerator.scaler.load_state_dict(state)
 
+    def watch_peers(self, timeout_s: Optional[float], signals=None, log=print):
+        """Start the peer watchdog (distrain/watchdog.py) on a store client of its own: a frozen or
+        lost rank is reported within ``timeout_s`` instead of gloo's collective timeout. None when
+        there is nothing to watch (one process, ``timeout_s`` None, no rendezvous store)."""
+        if self.world == 1 or timeout_s is None or "MASTER_PORT" not in os.environ:
+            return None
+        import torch.distributed as dist
+
+        from distrain.watchdog import Watchdog, default_interval
+
+        try:
+            # Not the process group's own client (private, and a blocked heartbeat would hold its lock).
+            client = dist.TCPStore(os.environ.get("MASTER_ADDR", "127.0.0.1"),
+                                   int(os.environ["MASTER_PORT"]), is_master=False,
+                                   wait_for_workers=False,
+                                   timeout=timedelta(seconds=2 * default_interval(timeout_s)))
+        except Exception as e:  # noqa: BLE001 - training goes on, unwatched, and says so
+            log(f"warning: no peer watchdog (cannot reach the rendezvous store: {e})")
+            return None
+        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        store = dist.PrefixStore(f"distrain/watchdog/{restart}/", client)
+        return Watchdog(store, self.rank, self.world, timeout_s, stop=signals).start()
+
     # -- end ------------------------------------------------------------------------------------
     def close(self) -> None:
         """End distribution (all ranks, after their last collective) so that no thread of the
@@ -368,7 +391,9 @@ def _make_accelerator(rt: Runtime, o: DistOptions):
                                                     static_graph=o.static_graph)]
     pg: dict = {}
     if o.collective_timeout_s is not None:
-        pg["timeout"] = timedelta(seconds=o.collective_timeout_s)
+        # Accelerate passes on only the fields that differ from InitProcessGroupKwargs()'s own (600 s):
+        # the microsecond keeps a 600 s setting from silently becoming torch's default.
+        pg["timeout"] = timedelta(seconds=o.collective_timeout_s, microseconds=1)
     cpu = rt.device == "cpu"
     if deepspeed_requested():
         missing = [m for m in ("deepspeed", "transformers") if importlib.util.find_spec(m) is None]

@@ -27,13 +27,15 @@ def dist_options(cfg: Config) -> DistOptions:
     unfreezes = cfg.model.unfreeze_after_epochs is not None
     return DistOptions(comm_hook=t.ddp_comm_hook, static_graph=not unfreezes and t.grad_accum_steps == 1,
                        batch_size=t.batch_size, grad_accum_steps=t.grad_accum_steps,
-                       grad_clip=t.grad_clip, unfreezes=unfreezes)
+                       grad_clip=t.grad_clip, unfreezes=unfreezes,
+                       collective_timeout_s=t.collective_timeout_s)
 
 
 def run_training(cfg: Config, signals=None) -> int:
     strategy = Strategy(resolve_runtime(cfg.train.device, cfg.train.mixed_precision), dist_options(cfg))
     progress = Progress(enabled=strategy.is_main, mode=cfg.log.progress, every_steps=cfg.log.every_steps)
     run = None
+    watchdog = strategy.watch_peers(cfg.train.peer_timeout_s, signals, progress.write)
     try:
         lock = strategy.agree("claim the run directory", lambda: rundir.claim(cfg, progress.write),
                               main_only=True)
@@ -58,6 +60,8 @@ def run_training(cfg: Config, signals=None) -> int:
         strategy.close()  # every rank is here: after the export, or the stop and its barrier
         return code
     finally:
+        if watchdog is not None:
+            watchdog.stop()
         progress.close()
         if run is not None:
             run.close()

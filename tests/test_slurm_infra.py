@@ -1,7 +1,7 @@
 """slurm/train.sbatch + launch/slurm_node.py on a real (local, two-node) SLURM cluster, with a stand-in trainer.
 
 The stand-in: each test copies train.sbatch and slurm_node.py into a scratch "repository" that also holds a fake
-``distrain`` package (``distrain/__main__.py`` below plus a copy of the real distrain/signals.py). The job is
+``distrain`` package (``distrain/__main__.py`` below plus copies of the real distrain/signals.py and slurm.py). The job is
 submitted from there, so ``python -m distrain`` (and accelerate's workers, which inherit the working directory)
 import the fake: the scripts under test are the real ones, unmodified. The fake records its environment and what
 it saw (node rank, rendezvous, parent launcher, signals) as JSON files in its output_dir, and on a stop request
@@ -97,7 +97,13 @@ print(f"[fake] rank {rank} done", flush=True)
 '''
 
 
-# --- fixtures --------------------------------------------------------------------------------------------------
+# Every wait below is for an event (a record written, a job state reached) and fails at once when
+# the job ended without it; the time limit only ends a hang. A slow, shared machine makes these
+# tests slower, never red.
+HANG_GUARD = 420
+
+# --- fixtures
+# --------------------------------------------------------------------------------------------------
 
 
 
@@ -110,7 +116,8 @@ def tree(tmp_path: Path) -> Path:
     (tmp_path / "distrain").mkdir()
     shutil.copy(REPO / "slurm" / "train.sbatch", tmp_path / "slurm" / "train.sbatch")
     shutil.copy(REPO / "launch" / "slurm_node.py", tmp_path / "launch" / "slurm_node.py")
-    shutil.copy(REPO / "distrain" / "signals.py", tmp_path / "distrain" / "signals.py")
+    for module in ("signals.py", "slurm.py"):
+        shutil.copy(REPO / "distrain" / module, tmp_path / "distrain" / module)
     (tmp_path / "distrain" / "__init__.py").write_text("")
     (tmp_path / "distrain" / "__main__.py").write_text(FAKE_MAIN)
     return tmp_path
@@ -169,7 +176,8 @@ def _ctx(tree: Path, run_dir: str, ref: str, env) -> str:
     )
 
 
-# --- on the cluster --------------------------------------------------------------------------------------------
+# --- on the cluster
+# --------------------------------------------------------------------------------------------
 
 
 @pytest.mark.slurm
@@ -177,7 +185,7 @@ def _ctx(tree: Path, run_dir: str, ref: str, env) -> str:
 def test_two_nodes_one_launcher_each_distinct_ranks_one_rendezvous(jobs, job_env, tree):
     job = _submit(jobs, job_env, tree, "--nodes", "2", "slurm/train.sbatch", "fake.dist=1", "fake.seconds=0")
     run = f"runs/slurm-{job}"
-    info = sh.wait_for(job, {"COMPLETED"}, timeout=150, env=job_env)
+    info = sh.wait_for(job, {"COMPLETED"}, timeout=HANG_GUARD, env=job_env)
     ctx = _ctx(tree, run, job, job_env)
     assert info["ExitCode"] == "0:0", ctx
     recs = [_read(tree / run / f"start-r0-rank{r}.json") for r in (0, 1)]
@@ -186,11 +194,13 @@ def test_two_nodes_one_launcher_each_distinct_ranks_one_rendezvous(jobs, job_env
     assert all("accelerate.commands.launch" in r["parent_cmd"] for r in recs), ctx
     assert recs[0]["ppid"] != recs[1]["ppid"]
     assert "--machine_rank 0" in recs[0]["parent_cmd"] and "--machine_rank 1" in recs[1]["parent_cmd"], ctx
-    # ...with the node rank from SLURM inside the task (not 0 everywhere), as torch sees it (GROUP_RANK) too.
+    # ...with the node rank from SLURM inside the task (not 0 everywhere), as torch sees it
+    # (GROUP_RANK) too.
     assert [r["env"]["SLURM_NODEID"] for r in recs] == ["0", "1"]
     assert [r["env"]["GROUP_RANK"] for r in recs] == ["0", "1"]
     assert [r["env"]["RANK"] for r in recs] == ["0", "1"] and {r["env"]["WORLD_SIZE"] for r in recs} == {"2"}
-    # Same rendezvous: the first node, a port derived from the job id; the gloo all-reduce went through.
+    # Same rendezvous: the first node, a port derived from the job id; the gloo all-reduce went
+    # through.
     assert {r["env"]["MASTER_ADDR"] for r in recs} == {"n1"}
     assert {r["env"]["MASTER_PORT"] for r in recs} == {str(slurm_node.port_for_job(int(job)))}
     assert [r["allreduce"] for r in recs] == [3.0, 3.0]
@@ -207,11 +217,11 @@ def test_usr1_reaches_workers_launcher_survives_job_requeues_itself(jobs, job_en
     job = _submit(jobs, job_env, tree, "--nodes", "2", "slurm/train.sbatch", "fake.seconds_restarted=0")
     run = f"runs/slurm-{job}"
     for r in (0, 1):
-        sh.wait_for_file(tree / run / f"start-r0-rank{r}.json", timeout=120, job_id=job, env=job_env)
+        _record(tree, run, job, job_env, f"start-r0-rank{r}.json", timeout=HANG_GUARD, job_id=job)
     # --full: the batch shell (and srun, tee) get it as well; they must survive it.
     sh.signal_job(job, "USR1", full=True, env=job_env)
-    for r in (0, 1):
-        sh.wait_for_file(tree / run / f"stop-r0-rank{r}.json", timeout=60, env=job_env)
+    for r in (0, 1):  # the job requeues itself (it stays in the queue): the guard only stops a hang
+        _record(tree, run, job, job_env, f"stop-r0-rank{r}.json", timeout=HANG_GUARD, job_id=job)
     ctx = _ctx(tree, run, job, job_env)
     stops = [_read(tree / run / f"stop-r0-rank{r}.json") for r in (0, 1)]
     assert [s["reason"] for s in stops] == ["SIGUSR1", "SIGUSR1"], ctx
@@ -219,25 +229,28 @@ def test_usr1_reaches_workers_launcher_survives_job_requeues_itself(jobs, job_en
     # The elastic agent (the workers' parent) ignored SIGUSR1 and was still there a second later.
     assert all(s["parent_alive"] for s in stops), ctx
     assert stops[0]["requeued"], ctx
-    info = sh.wait_for(job, {"PENDING"}, timeout=60, env=job_env)
+    info = sh.wait_for(job, {"PENDING"}, timeout=HANG_GUARD, env=job_env)
     assert info["Restarts"] >= 1 and info["Reason"] == "BeginTime", ctx
     _wait_for_first_run_to_finish(tree, run, job)
     sh.release(job, env=job_env)
-    info = sh.wait_for(job, {"COMPLETED"}, timeout=150, env=job_env)
+    info = sh.wait_for(job, {"COMPLETED"}, timeout=HANG_GUARD, env=job_env)
     ctx = _ctx(tree, run, job, job_env)
     assert info["Restarts"] == 1 and info["ExitCode"] == "0:0", ctx
     assert all((tree / run / f"done-r1-rank{r}.json").exists() for r in (0, 1)), ctx
     log = _log(tree, run, job)
-    # Both runs appended to the same log in the same run dir; the batch shell saw USR1 and kept going.
+    # Both runs appended to the same log in the same run dir; the batch shell saw USR1 and kept
+    # going.
     assert "job %s (restart 0)" % job in log and "job %s (restart 1)" % job in log, log
     assert "batch shell got SIGUSR1" in log, log
 
 
-def _wait_for_first_run_to_finish(tree: Path, run: str, job: str, timeout: float = 60) -> None:
+def _wait_for_first_run_to_finish(tree: Path, run: str, job: str, timeout: float = HANG_GUARD) -> None:
     """Release a requeued job only once its first run's batch shell is done: a release while the old
     instance is still completing let the job end FAILED once (under heavy load)."""
     deadline = time.monotonic() + timeout
-    while "srun exited with" not in _log(tree, run, job) and time.monotonic() < deadline:
+    while "srun exited with" not in _log(tree, run, job):
+        if time.monotonic() > deadline:
+            pytest.fail(f"the first run's batch shell did not finish within {timeout:g} s{_log(tree, run, job)}")
         time.sleep(0.2)
 
 
@@ -249,24 +262,25 @@ def test_scontrol_requeue_sends_sigterm_and_the_job_comes_back(jobs, job_env, tr
         jobs, job_env, tree, "slurm/train.sbatch", f"output_dir={run}", "fake.seconds_restarted=0",
         "fake.save_seconds=2",
     )
-    rec = _record(tree, run, job, job_env, "start-r0-rank0.json", timeout=120, job_id=job)
+    rec = _record(tree, run, job, job_env, "start-r0-rank0.json", timeout=HANG_GUARD, job_id=job)
     # One process in all: no launcher in between, the trainer is the srun task itself.
     assert rec["parent_cmd"].startswith("slurmstepd"), rec
     assert rec["argv"] == ["train", f"output_dir={run}", "fake.seconds_restarted=0", "fake.save_seconds=2"]
     t0 = time.time()
     sh.requeue(job, env=job_env)
-    stop = _record(tree, run, job, job_env, "stop-r0-rank0.json", timeout=40)
+    stop = _record(tree, run, job, job_env, "stop-r0-rank0.json", timeout=HANG_GUARD, job_id=job)
     ctx = _ctx(tree, run, job, job_env)
     assert stop["reason"] == "SIGTERM" and not stop["requeue"] and not stop["requeued"], ctx
     assert stop["seen"] - t0 < 30, ctx  # inside KillWait (30 s): the trainer had the time to save
-    info = sh.wait_for(job, {"PENDING"}, timeout=60, env=job_env)
+    info = sh.wait_for(job, {"PENDING"}, timeout=HANG_GUARD, env=job_env)
     assert info["Restarts"] == 1, ctx
     _wait_for_first_run_to_finish(tree, run, job)
     sh.release(job, env=job_env)
-    info = sh.wait_for(job, {"COMPLETED"}, timeout=120, env=job_env)
+    info = sh.wait_for(job, {"COMPLETED"}, timeout=HANG_GUARD, env=job_env)
     assert info["Restarts"] == 1 and info["ExitCode"] == "0:0", _ctx(tree, run, job, job_env)
     assert (tree / run / "done-r1-rank0.json").exists()
-    # EXIT_STOPPED from the stopped run: it exited on its own after its 2 s "save", not by SLURM's SIGKILL.
+    # EXIT_STOPPED from the stopped run: it exited on its own after its 2 s "save", not by SLURM's
+    # SIGKILL.
     assert "srun exited with 75" in _log(tree, run, job)
 
 
@@ -276,15 +290,15 @@ def test_array_task_run_dir_and_self_requeue_by_array_ref(jobs, job_env, tree):
     array = _submit(jobs, job_env, tree, "--array=3", "slurm/train.sbatch", "fake.seconds_restarted=0")
     ref = f"{array}_3"
     run = f"runs/slurm-{ref}"
-    rec = _record(tree, run, ref, job_env, "start-r0-rank0.json", timeout=120, job_id=array)
+    rec = _record(tree, run, ref, job_env, "start-r0-rank0.json", timeout=HANG_GUARD, job_id=array)
     assert (rec["env"]["SLURM_ARRAY_JOB_ID"], rec["env"]["SLURM_ARRAY_TASK_ID"]) == (array, "3")
     job = rec["env"]["SLURM_JOB_ID"]
     sh.signal_job(job, "USR1", env=job_env)  # steps only, as the time-limit signal does
-    stop = _record(tree, run, ref, job_env, "stop-r0-rank0.json", timeout=60)
+    stop = _record(tree, run, ref, job_env, "stop-r0-rank0.json", timeout=HANG_GUARD, job_id=array)
     assert stop["reason"] == "SIGUSR1" and stop["requeued"], _ctx(tree, run, ref, job_env)  # scontrol requeue A_3
     _wait_for_first_run_to_finish(tree, run, ref)
     sh.release(job, env=job_env)
-    info = sh.wait_for(job, {"COMPLETED"}, timeout=120, env=job_env)
+    info = sh.wait_for(job, {"COMPLETED"}, timeout=HANG_GUARD, env=job_env)
     assert info["Restarts"] == 1, _ctx(tree, run, ref, job_env)
     assert (tree / run / "done-r1-rank0.json").exists()
     assert "batch shell got SIGUSR1" not in _log(tree, run, ref)
@@ -293,13 +307,14 @@ def test_array_task_run_dir_and_self_requeue_by_array_ref(jobs, job_env, tree):
 @pytest.mark.slurm
 @pytest.mark.slow
 def test_time_limit_signal_goes_to_the_trainer_not_the_batch_shell(jobs, job_env, tree):
-    # A 4-minute limit with the warning asked for 150 s before it. slurmctld sends it once the time left is under
-    # the warning time plus 30 s, on a 30 s timer: here 60-90 s in (the test took 63 s in a full CI run), after the
-    # step has started and well before the limit. (--time=3 made it due at once: it came within a second in CI,
-    # while slurm_node.py started, and the job FAILED; with --time=1 it once came only after the limit.)
+    # A 4-minute limit with the warning asked for 150 s before it. slurmctld sends it once the time
+    # left is under the warning time plus 30 s, on a 30 s timer: here 60-90 s in (the test took 63 s
+    # in a full CI run), after the step has started and well before the limit. (--time=3 made it due
+    # at once: it came within a second in CI, while slurm_node.py started, and the job FAILED; with
+    # --time=1 it once came only after the limit.)
     job = _submit(jobs, job_env, tree, "--time=4", "--signal=USR1@150", "slurm/train.sbatch", "fake.requeue=0")
     run = f"runs/slurm-{job}"
-    stop = _record(tree, run, job, job_env, "stop-r0-rank0.json", timeout=200, job_id=job)
+    stop = _record(tree, run, job, job_env, "stop-r0-rank0.json", timeout=HANG_GUARD, job_id=job)
     log = _log(tree, run, job)
     assert stop["reason"] == "SIGUSR1" and stop["requeue"], log
     assert "batch shell got SIGUSR1" not in log, log
@@ -309,17 +324,19 @@ def test_time_limit_signal_goes_to_the_trainer_not_the_batch_shell(jobs, job_env
 @pytest.mark.slow
 @pytest.mark.parametrize("nodes", [1, 2])
 def test_usr1_during_start_up_waits_for_the_trainers_handler(jobs, job_env, tree, nodes):
-    # The time-limit warning can come while the trainers still import torch (SLURM sends it up to 60 s early):
-    # slurm_node.py blocks SIGUSR1 rather than ignoring it, so it stays pending until StopSignals installs its
-    # handler. Ignored, it was lost and the job ran into its time limit; with the default action it killed the task.
+    # The time-limit warning can come while the trainers still import torch (SLURM sends it up to 60
+    # s early): slurm_node.py blocks SIGUSR1 rather than ignoring it, so it stays pending until
+    # StopSignals installs its handler. Ignored, it was lost and the job ran into its time limit;
+    # with the default action it killed the task.
     job = _submit(jobs, job_env, tree, f"--nodes={nodes}", "slurm/train.sbatch", "fake.requeue=0",
                   "fake.install_delay=4")
     run = f"runs/slurm-{job}"
     for r in range(nodes):
-        sh.wait_for_file(tree / run / f"booting-r0-rank{r}.json", timeout=120, job_id=job, env=job_env)
+        _record(tree, run, job, job_env, f"booting-r0-rank{r}.json", timeout=HANG_GUARD, job_id=job)
     sent = time.time()
     sh.signal_job(job, "USR1", env=job_env)  # the job steps' processes, as the time-limit warning
-    stops = [_record(tree, run, job, job_env, f"stop-r0-rank{r}.json", timeout=60, job_id=job) for r in range(nodes)]
+    stops = [_record(tree, run, job, job_env, f"stop-r0-rank{r}.json", timeout=HANG_GUARD, job_id=job)
+             for r in range(nodes)]
     ctx = _ctx(tree, run, job, job_env)
     for s in stops:
         assert s["reason"] == "SIGUSR1" and s["requeue"], ctx
@@ -327,7 +344,8 @@ def test_usr1_during_start_up_waits_for_the_trainers_handler(jobs, job_env, tree
     assert all(s["parent_alive"] for s in stops), ctx  # slurmstepd / the elastic agent survived it too
 
 
-# --- no cluster needed -----------------------------------------------------------------------------------------
+# --- no cluster needed
+# -----------------------------------------------------------------------------------------
 
 
 def _slurm_env(**kw) -> dict:
@@ -387,10 +405,10 @@ def test_launcher_blocks_usr1_across_exec(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     env.update(_slurm_env(DISTRAIN_MODULE="probe"))
     out = subprocess.run([sys.executable, str(REPO / "launch" / "slurm_node.py"), "--"], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=60)
+                         capture_output=True, text=True, timeout=HANG_GUARD)
     assert out.returncode == 0 and out.stdout.strip() == "True True", out.stderr
     dry = subprocess.run([sys.executable, str(REPO / "launch" / "slurm_node.py"), "--dry-run", "--", "train"],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=HANG_GUARD)
     assert json.loads(dry.stdout)["argv"][-2:] == ["probe", "train"]
 
 
@@ -404,3 +422,27 @@ def test_sbatch_script_structure():
     out = subprocess.run(["bash", str(REPO / "slurm" / "train.sbatch")], capture_output=True, text=True,
                          env={k: v for k, v in os.environ.items() if not k.startswith("SLURM_")})
     assert out.returncode == 2 and "sbatch" in out.stderr
+
+
+def test_slurm_facts_have_one_owner_and_the_scripts_ask_it():
+    """distrain/slurm.py computes the job reference, address and port; train.sbatch asks slurm_node.py for them
+    (`--job-facts`) instead of computing them itself."""
+    from distrain import slurm
+
+    env = {"SLURM_JOB_ID": "16123"}
+    assert (slurm.job_ref(env), slurm.master_port(env), slurm.master_addr(env)) == ("16123", 15123, "127.0.0.1")
+    env.update(SLURM_ARRAY_JOB_ID="16100", SLURM_ARRAY_TASK_ID="7", DISTRAIN_MASTER_PORT="20000",
+               DISTRAIN_MASTER_ADDR="ib0-n1")
+    assert (slurm.job_ref(env), slurm.master_port(env), slurm.master_addr(env)) == ("16100_7", 20000, "ib0-n1")
+    assert slurm.job_ref({}) is None and not slurm.in_slurm({}) and slurm.master_port({}) == 29500
+    with pytest.raises(ValueError, match="SLURM_JOB_ID='x'"):
+        slurm.job_id({"SLURM_JOB_ID": "x"})
+    run = [sys.executable, str(REPO / "launch" / "slurm_node.py"), "--job-facts"]
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "DISTRAIN_"))}
+    out = subprocess.run(run, env={**clean, **env}, capture_output=True, text=True, timeout=HANG_GUARD)
+    assert out.returncode == 0 and out.stdout.split() == ["16100_7", "ib0-n1", "20000"], out.stderr
+    out = subprocess.run(run, env=clean, capture_output=True, text=True, timeout=HANG_GUARD)
+    assert out.returncode == 2 and "not inside a SLURM job" in out.stderr
+    sbatch = (REPO / "slurm" / "train.sbatch").read_text()
+    code = "\n".join(line for line in sbatch.splitlines() if not line.lstrip().startswith("#"))
+    assert "--job-facts" in code and "16000" not in code and "scontrol show hostnames" not in code
