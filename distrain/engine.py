@@ -37,7 +37,7 @@ from distrain.data.sampling import EpochPlan, derived_seed
 from distrain.errors import UserError
 from distrain.export import export_model, model_info
 from distrain.metrics import MetricsLogger, confusion_matrix
-from distrain.models import backbone_and_head, build_model, count_parameters
+from distrain.models import backbone_and_head, build_from_config, convert_sync_batchnorm, count_parameters
 from distrain.optim import build_optimizer, build_scheduler
 from distrain.progress import Progress
 
@@ -297,7 +297,7 @@ class Trainer:
 
     def _build_model(self):
         cfg = self.cfg
-        model = build_model(cfg.model.name, num_classes=cfg.model.num_classes)
+        model = build_from_config(cfg.model)
         if cfg.model.pretrained or cfg.model.weights_path:
             from distrain.weights import load_pretrained
 
@@ -307,6 +307,8 @@ class Trainer:
                 p.requires_grad_(False)
         if cfg.model.channels_last:
             model = model.to(memory_format=torch.channels_last)
+        if cfg.model.sync_bn:  # needs the process group, so after it exists and before DDP wraps the model
+            model = convert_sync_batchnorm(model, self.world, self.rt.device)
         return model
 
     def unwrapped(self) -> torch.nn.Module:

@@ -58,18 +58,27 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def model_info(cfg, classes: list[str], mean, std) -> dict:
-    size = cfg.model.input_size
+    from distrain.model_specs import preprocessing, spec_for
+    from distrain.models import builder_kwargs
+
+    m = cfg.model
+    size = m.input_size
+    _, _, resize, _ = preprocessing(m, cfg.data.name)
     return {
         "format": "distrain-model/1",
-        "architecture": cfg.model.name,
-        "num_classes": cfg.model.num_classes,
+        "architecture": m.name,
+        "num_classes": m.num_classes,
         "classes": list(classes),
         "input_size": [3, size, size],
         # Photos for predict: resize the shorter side to `resize`, centre-crop `input_size`.
-        "resize": size if cfg.data.name != "imagefolder" else round(size * 1.14),
+        "resize": resize,
         "mean": list(mean),
         "std": list(std),
         "dataset": cfg.data.name,
+        # How to rebuild it: torchvision.models.get_model(architecture, num_classes=..., **builder_kwargs)
+        # takes model.safetensors strictly unless cifar_stem (then distrain.models.build_model does).
+        "cifar_stem": bool(m.cifar_stem),
+        "builder_kwargs": builder_kwargs(spec_for(m.name), size),
         "distrain_version": __version__,
     }
 
@@ -112,7 +121,8 @@ def build_from_state(info: dict, sd: dict, source: Path) -> nn.Module:
     arch, n = info.get("architecture"), info.get("num_classes")
     if not isinstance(arch, str) or not isinstance(n, int):
         raise UserError(f"'{source}': model description lacks 'architecture'/'num_classes'")
-    model = build_model(arch, num_classes=n)
+    size = info.get("input_size") or [3, None, None]
+    model = build_model(arch, num_classes=n, cifar_stem=bool(info.get("cifar_stem", False)), input_size=size[-1])
     try:
         model.load_state_dict(sd, strict=True)
     except RuntimeError as e:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -146,10 +146,11 @@ def load_image_rgb(path: str) -> Image.Image:
         raise UserError(f"cannot read image '{path}' ({type(e).__name__}: {e}); fix or delete the file") from e
 
 
-def eval_transform(img: Image.Image, size: int) -> Image.Image:
-    """Resize the shorter side to round(size*1.14), then center-crop ``size`` (torchvision Resize + CenterCrop)."""
+def eval_transform(img: Image.Image, size: int, resize: Optional[int] = None) -> Image.Image:
+    """Resize the shorter side to ``resize`` (default round(size*1.14)), then center-crop ``size``
+    (torchvision Resize + CenterCrop)."""
     w, h = img.size
-    short = int(round(size * EVAL_RESIZE_RATIO))
+    short = int(resize) if resize else int(round(size * EVAL_RESIZE_RATIO))
     if w <= h:
         new_w, new_h = short, int(short * h / w)
     else:
@@ -208,7 +209,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, paths: Sequence[str], labels: Union[np.ndarray, Sequence[int]], size: int, train: bool,
-                 augment: bool, seed: int):
+                 augment: bool, seed: int, resize: Optional[int] = None):
         if len(paths) != len(labels):
             raise ValueError(f"{len(paths)} paths but {len(labels)} labels")
         if int(size) < 1:
@@ -216,6 +217,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         self.paths = list(paths)
         self.labels = np.asarray(labels, dtype=np.int64)
         self.size = int(size)
+        self.resize = resize  # the eval transform's shorter side (the model's weights decide it)
         self.train = bool(train)
         self.augment = bool(augment) and self.train
         self.seed = int(seed)
@@ -241,7 +243,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         if self.augment:
             img = train_transform(img, self.size, self.item_generator(epoch, i))
         else:
-            img = eval_transform(img, self.size)
+            img = eval_transform(img, self.size, self.resize)
         # np.array copies: PIL's buffer may be read-only, and CHW must own contiguous memory.
         x = torch.from_numpy(np.array(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1), order="C"))
         return x, int(self.labels[i]), i

@@ -25,9 +25,8 @@ from distrain.data.augment import CropFlipParams, Normalizer, PaddedStore, crop_
 from distrain.data.cache import load_cifar10_cached
 from distrain.data.sampling import EpochPlan, IndexBatchSampler, PlanBatchSampler, eval_shard
 from distrain.errors import UserError
+from distrain.model_specs import IMAGENET_MEAN, IMAGENET_STD, preprocessing  # noqa: F401 - re-exported
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass
@@ -58,10 +57,10 @@ def prepare_data(cfg: Config) -> None:
 
 
 def normalization(cfg: Config) -> tuple[tuple, tuple]:
-    """ImageNet statistics for pretrained backbones and photos, CIFAR-10's otherwise."""
-    if cfg.model.pretrained or cfg.model.weights_path or cfg.data.name == "imagefolder":
-        return IMAGENET_MEAN, IMAGENET_STD
-    return cifar10.MEAN, cifar10.STD
+    """The model's normalisation on this dataset (see model_specs.preprocessing: the weights' own, or
+    ImageNet statistics for photos, CIFAR-10's otherwise)."""
+    mean, std, _, _ = preprocessing(cfg.model, cfg.data.name)
+    return mean, std
 
 
 def load_split(cfg: Config, train: bool) -> Split:
@@ -81,8 +80,10 @@ def load_split(cfg: Config, train: bool) -> Split:
         paths, labels, classes = imagefolder.scan_imagefolder(d.root, split)
         if limit is not None:
             paths, labels = paths[:limit], labels[:limit]
+        resize = preprocessing(cfg.model, d.name)[2]  # the eval resize of the model's weights
         ds = imagefolder.ImageFolderDataset(
-            paths, labels, size=cfg.model.input_size, train=train, augment=d.augment and train, seed=cfg.train.seed
+            paths, labels, size=cfg.model.input_size, train=train, augment=d.augment and train, seed=cfg.train.seed,
+            resize=resize,
         )
         return Split(torch.as_tensor(np.asarray(labels), dtype=torch.int64), list(classes), dataset=ds,
                      source=os.path.join(d.root, split))
