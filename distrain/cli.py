@@ -1,4 +1,4 @@
-"""The `distrain` command: train, eval, predict, bench.
+"""The `distrain` command: train, eval, predict, bench, models.
 
 User errors (`UserError`) end with one line on stderr and exit code 2, on every rank; anything else is a
 bug and keeps its traceback (exit 1). `--json` output is the only thing ever written to stdout.
@@ -67,6 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--steps", type=int, default=30, help="timed steps (after warm-up)")
     b.add_argument("--warmup", type=int, default=5, help="warm-up steps")
     b.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+
+    m = sub.add_parser("models", help="list the model names model.name accepts", formatter_class=fmt,
+                       description="Model names with parameter counts (1000-class head), native input size and "
+                                   "pretrained weights. FILTER: a substring or glob; timm:... lists timm's models.")
+    m.add_argument("--pretrained", action="store_true", help="only models with pretrained weights")
+    m.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    m.add_argument("filter", nargs="?", metavar="FILTER")
     return p
 
 
@@ -124,6 +131,25 @@ def cmd_bench(args) -> int:
     return run_bench(args)
 
 
+def cmd_models(args) -> int:
+    from distrain.model_catalog import catalog, format_table, row
+
+    specs = catalog(args.filter, pretrained_only=args.pretrained)
+    if not specs:
+        import difflib
+
+        from distrain.model_specs import model_names
+
+        close = difflib.get_close_matches(args.filter or "", model_names(), n=3, cutoff=0.6)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise UserError(f"no model matches '{args.filter}'{hint} (`distrain models` lists them all)")
+    if args.json:
+        print(json.dumps({"models": [row(s) for s in specs]}))
+    else:
+        print(format_table(specs), file=sys.stderr)
+    return 0
+
+
 def _rank_prefix() -> str:
     rank = os.environ.get("RANK")
     world = os.environ.get("WORLD_SIZE")
@@ -169,7 +195,7 @@ def _report_to_launcher(msg: str) -> None:
 def main(argv: Optional[list[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    handlers = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "bench": cmd_bench}
+    handlers = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "bench": cmd_bench, "models": cmd_models}
     try:
         code = handlers[args.command](args)
     except UserError as e:

@@ -67,6 +67,7 @@ class ModelSpec:
     cifar_stem: bool = False  # has a ResNet stem (conv1 + maxpool) that model.cifar_stem can adapt
     stem_conv: str = ""  # the first conv, whose weights a CIFAR stem cannot take
     ignored_prefixes: tuple[str, ...] = ()  # modules of the pretrained files the model is built without
+    num_params: int = 0  # with a 1000-class head (ImageNet), as built here
 
     @property
     def is_timm(self) -> bool:
@@ -179,6 +180,13 @@ def find_head(model: nn.Module, num_classes: int) -> str:
     return found[-1]
 
 
+def imagenet_num_params(model: nn.Module, head: str) -> int:
+    """Parameters of ``model`` (built with the sentinel class count) with a 1000-class head instead."""
+    layer = model.get_submodule(head)
+    per_class = sum(p.numel() for p in layer.parameters()) // SENTINEL_CLASSES
+    return sum(p.numel() for p in model.parameters()) + (1000 - SENTINEL_CLASSES) * per_class
+
+
 def head_group_of(model: nn.Module, head: str) -> tuple[str, ...]:
     """The head's parent block when it is a classifier below the root (VGG: classifier), else the head."""
     parent = head.rpartition(".")[0]
@@ -209,7 +217,7 @@ def spec_for(name: str) -> ModelSpec:
 def _spec(name: str) -> ModelSpec:
     if name == CIFAR_QUICK:
         return ModelSpec(CIFAR_QUICK, CIFAR_QUICK, head="model.8", head_group=("model.7", "model.8"),
-                         native_size=32)
+                         native_size=32, num_params=145578)
     if name.startswith(TIMM_PREFIX):
         return _timm_spec(name)
     if name in torchvision_names():
@@ -239,7 +247,8 @@ def _torchvision_spec(name: str) -> ModelSpec:
     return ModelSpec(name, family, head=head, head_group=head_group_of(model, head), native_size=native,
                      weights=tuple(w.name for w in enum), default_weights=default.name if default else None,
                      size_kwarg=size_kwarg, build_kwargs=kwargs, cifar_stem=stem,
-                     stem_conv="conv1" if stem else "", ignored_prefixes=ignored)
+                     stem_conv="conv1" if stem else "", ignored_prefixes=ignored,
+                     num_params=imagenet_num_params(model, head))
 
 
 def _timm_spec(name: str) -> ModelSpec:
@@ -259,7 +268,8 @@ def _timm_spec(name: str) -> ModelSpec:
     return ModelSpec(name, "timm", head=head, head_group=head_group_of(model, head), native_size=native,
                      weights=tags, default_weights=cfg.get("tag") or (tags[0] if tags else None),
                      size_kwarg="img_size" if accepts_size and cfg.get("fixed_input_size") else None,
-                     cifar_stem=stem, stem_conv="conv1" if stem else "")
+                     cifar_stem=stem, stem_conv="conv1" if stem else "",
+                     num_params=imagenet_num_params(model, head))
 
 
 # -- weights and preprocessing -------------------------------------------------------------------
