@@ -68,9 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--warmup", type=int, default=5, help="warm-up steps")
     b.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
 
-    m = sub.add_parser("models", help="list the model names model.name accepts", formatter_class=fmt,
-                       description="Model names with parameter counts (1000-class head), native input size and "
-                                   "pretrained weights. FILTER: a substring or glob; timm:... lists timm's models.")
+    m = sub.add_parser("models", help="list the model names model.name accepts",
+                       formatter_class=fmt,
+                       description="Model names with parameter counts (1000-class head), native "
+                                   "input size and pretrained weights. FILTER: a substring or "
+                                   "glob; timm:... lists timm's models.")
     m.add_argument("--pretrained", action="store_true", help="only models with pretrained weights")
     m.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     m.add_argument("filter", nargs="?", metavar="FILTER")
@@ -142,7 +144,8 @@ def cmd_models(args) -> int:
 
         close = difflib.get_close_matches(args.filter or "", model_names(), n=3, cutoff=0.6)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise UserError(f"no model matches '{args.filter}'{hint} (`distrain models` lists them all)")
+        raise UserError(f"no model matches '{args.filter}'{hint} "
+                        f"(`distrain models` lists them all)")
     if args.json:
         print(json.dumps({"models": [row(s) for s in specs]}))
     else:
@@ -195,7 +198,8 @@ def _report_to_launcher(msg: str) -> None:
 def main(argv: Optional[list[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    handlers = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "bench": cmd_bench, "models": cmd_models}
+    handlers = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "bench": cmd_bench,
+                "models": cmd_models}
     try:
         code = handlers[args.command](args)
     except UserError as e:

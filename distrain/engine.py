@@ -37,7 +37,8 @@ from distrain.data.sampling import EpochPlan, derived_seed
 from distrain.errors import UserError
 from distrain.export import export_model, model_info
 from distrain.metrics import MetricsLogger, confusion_matrix
-from distrain.models import backbone_and_head, build_from_config, convert_sync_batchnorm, count_parameters
+from distrain.models import (backbone_and_head, build_from_config, convert_sync_batchnorm,
+                             count_parameters)
 from distrain.optim import build_optimizer, build_scheduler
 from distrain.progress import Progress
 
@@ -307,7 +308,8 @@ class Trainer:
                 p.requires_grad_(False)
         if cfg.model.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        if cfg.model.sync_bn:  # needs the process group, so after it exists and before DDP wraps the model
+        # SyncBatchNorm needs the process group: after it exists, before DDP wraps the model.
+        if cfg.model.sync_bn:
             model = convert_sync_batchnorm(model, self.world, self.rt.device)
         return model
 

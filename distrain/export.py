@@ -75,8 +75,9 @@ def model_info(cfg, classes: list[str], mean, std) -> dict:
         "mean": list(mean),
         "std": list(std),
         "dataset": cfg.data.name,
-        # How to rebuild it: torchvision.models.get_model(architecture, num_classes=..., **builder_kwargs)
-        # takes model.safetensors strictly unless cifar_stem (then distrain.models.build_model does).
+        # How to rebuild it: torchvision.models.get_model(architecture, num_classes=...,
+        # **builder_kwargs) takes model.safetensors strictly, unless cifar_stem (then
+        # distrain.models.build_model(architecture, ..., cifar_stem=True) does).
         "cifar_stem": bool(m.cifar_stem),
         "builder_kwargs": builder_kwargs(spec_for(m.name), size),
         "distrain_version": __version__,
@@ -122,7 +123,8 @@ def build_from_state(info: dict, sd: dict, source: Path) -> nn.Module:
     if not isinstance(arch, str) or not isinstance(n, int):
         raise UserError(f"'{source}': model description lacks 'architecture'/'num_classes'")
     size = info.get("input_size") or [3, None, None]
-    model = build_model(arch, num_classes=n, cifar_stem=bool(info.get("cifar_stem", False)), input_size=size[-1])
+    model = build_model(arch, num_classes=n, cifar_stem=bool(info.get("cifar_stem", False)),
+                        input_size=size[-1])
     try:
         model.load_state_dict(sd, strict=True)
     except RuntimeError as e:

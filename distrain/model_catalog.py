@@ -1,8 +1,9 @@
-"""`distrain models [--pretrained] [FILTER]`: the model names, parameter counts, native sizes and weights.
+"""`distrain models [--pretrained] [FILTER]`: the model names, parameter counts, native sizes and
+weights.
 
 Every row comes from the model's spec (model_specs.py), whose model is built on the meta device, so
-listing all of torchvision allocates no parameter memory. timm's ~1,400 architectures are listed only
-when FILTER starts with ``timm:`` (each needs its own meta build).
+listing all of torchvision allocates no parameter memory. timm's ~1,400 architectures are listed
+only when FILTER starts with ``timm:`` (each needs its own meta build).
 """
 
 from __future__ import annotations
@@ -23,26 +24,42 @@ def _matches(name: str, pattern: Optional[str]) -> bool:
 
 
 def catalog(pattern: Optional[str] = None, pretrained_only: bool = False) -> list[ModelSpec]:
-    """Specs of the names matching ``pattern`` (a substring or a glob), optionally only pretrained ones."""
+    """Specs of the names matching ``pattern`` (a substring or a glob), optionally only pretrained
+    ones."""
     timm_wanted = bool(pattern) and pattern.startswith(TIMM_PREFIX)
     if timm_wanted and not timm_available():
         raise UserError("timm is not installed; install the extra: pip install 'distrain[timm]'")
-    names = [n for n in model_names(include_timm=timm_wanted)
-             if n.startswith(TIMM_PREFIX) == timm_wanted and _matches(n, pattern)]
+    names = [
+        n
+        for n in model_names(include_timm=timm_wanted)
+        if n.startswith(TIMM_PREFIX) == timm_wanted and _matches(n, pattern)
+    ]
     specs = [spec_for(n) for n in names]
     return [s for s in specs if s.weights or not pretrained_only]
 
 
 def row(spec: ModelSpec) -> dict:
-    return {"name": spec.name, "family": spec.family, "params": spec.num_params, "native_size": spec.native_size,
-            "head": spec.head, "weights": list(spec.weights), "default_weights": spec.default_weights,
-            "cifar_stem": spec.cifar_stem}
+    return {
+        "name": spec.name,
+        "family": spec.family,
+        "params": spec.num_params,
+        "native_size": spec.native_size,
+        "head": spec.head,
+        "weights": list(spec.weights),
+        "default_weights": spec.default_weights,
+        "cifar_stem": spec.cifar_stem,
+    }
 
 
 def format_table(specs: list[ModelSpec]) -> str:
-    """One line per model: name, parameters (1000-class head; cifar10_quick: 10), native size, weights."""
+    """One line per model: name, parameters (1000-class head; cifar10_quick: 10), native size,
+    weights."""
     lines = [f"{'name':<26} {'params':>8} {'size':>5}  weights (* default)"]
     for s in specs:
-        weights = ", ".join(w + ("*" if w == s.default_weights and len(s.weights) > 1 else "") for w in s.weights)
-        lines.append(f"{s.name:<26} {s.num_params / 1e6:>7.1f}M {s.native_size:>5}  {weights or '-'}")
+        weights = ", ".join(
+            w + ("*" if w == s.default_weights and len(s.weights) > 1 else "") for w in s.weights
+        )
+        lines.append(
+            f"{s.name:<26} {s.num_params / 1e6:>7.1f}M {s.native_size:>5}  {weights or '-'}"
+        )
     return "\n".join(lines)

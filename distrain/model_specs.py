@@ -35,18 +35,22 @@ from distrain.errors import UserError
 CIFAR_QUICK = "cifar10_quick"
 TIMM_PREFIX = "timm:"
 SENTINEL_CLASSES = 997  # a class count no hidden layer of any model has: its layer is the head
-# The eval resize of models without weights of their own: shorter side to size x 1.14, then centre-crop.
+# The eval resize of models without weights of their own: shorter side to size x 1.14, then
+# centre-crop.
 DEFAULT_EVAL_RESIZE_RATIO = 1.14
 # Builders whose default output is a tuple in train mode (auxiliary heads). Without aux heads the
 # model returns plain logits; transform_input maps ImageNet-normalised inputs to what their ImageNet
 # weights expect (torchvision sets it whenever it loads those weights itself).
-_AUX_FREE = {"googlenet": {"aux_logits": False, "transform_input": True, "init_weights": True},
-             "inception_v3": {"aux_logits": False, "transform_input": True, "init_weights": True}}
+_AUX_FREE = {
+    "googlenet": {"aux_logits": False, "transform_input": True, "init_weights": True},
+    "inception_v3": {"aux_logits": False, "transform_input": True, "init_weights": True},
+}
 
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """How images reach the network: normalisation, and (photos) the eval resize then centre crop."""
+    """How images reach the network: normalisation, and (photos) the eval resize then centre
+    crop."""
 
     mean: tuple[float, ...]
     std: tuple[float, ...]
@@ -56,7 +60,9 @@ class Preprocessing:
 @dataclass(frozen=True)
 class ModelSpec:
     name: str  # as written in model.name
-    family: str  # cifar10_quick, torchvision's module (resnet, vgg, vision_transformer, ...) or timm
+    family: (
+        str  # cifar10_quick, torchvision's module (resnet, vgg, vision_transformer, ...) or timm
+    )
     head: str  # dotted path of the layer producing the logits
     head_group: tuple[str, ...]  # dotted paths of what freeze_features leaves trainable
     native_size: int  # the input side its default weights were trained at
@@ -66,7 +72,9 @@ class ModelSpec:
     build_kwargs: dict = field(default_factory=dict)  # fixed builder arguments (no auxiliary heads)
     cifar_stem: bool = False  # has a ResNet stem (conv1 + maxpool) that model.cifar_stem can adapt
     stem_conv: str = ""  # the first conv, whose weights a CIFAR stem cannot take
-    ignored_prefixes: tuple[str, ...] = ()  # modules of the pretrained files the model is built without
+    ignored_prefixes: tuple[
+        str, ...
+    ] = ()  # modules of the pretrained files the model is built without
     num_params: int = 0  # with a 1000-class head (ImageNet), as built here
 
     @property
@@ -76,16 +84,19 @@ class ModelSpec:
     @property
     def arch(self) -> str:
         """The builder's own name (``timm:resnet18`` -> ``resnet18``)."""
-        return self.name[len(TIMM_PREFIX):] if self.is_timm else self.name
+        return self.name[len(TIMM_PREFIX) :] if self.is_timm else self.name
 
     def size_kwargs(self, input_size: Optional[int]) -> dict:
         """Builder arguments for an input side (ViT builds its position embeddings for one size)."""
         if not self.size_kwarg or input_size is None:
             return {}
-        return {self.size_kwarg: (input_size, input_size) if self.family == "maxvit" else input_size}
+        return {
+            self.size_kwarg: (input_size, input_size) if self.family == "maxvit" else input_size
+        }
 
 
 # -- names ---------------------------------------------------------------------------------------
+
 
 @functools.lru_cache(maxsize=None)
 def torchvision_names() -> tuple[str, ...]:
@@ -106,8 +117,10 @@ def _require_timm(name: str):
     try:
         import timm
     except ImportError:
-        raise UserError(f"config key 'model.name': '{name}' is a timm model but timm is not installed; "
-                        f"install the extra: pip install 'distrain[timm]'") from None
+        raise UserError(
+            f"config key 'model.name': '{name}' is a timm model but timm is not installed; "
+            f"install the extra: pip install 'distrain[timm]'"
+        ) from None
     return timm
 
 
@@ -125,15 +138,21 @@ def _unknown(name: str) -> UserError:
     if name.startswith(TIMM_PREFIX):
         timm = _require_timm(name)
         pool, prefix = timm.list_models(), TIMM_PREFIX
-        close = [prefix + c for c in difflib.get_close_matches(name[len(prefix):], pool, n=3, cutoff=0.6)]
+        close = [
+            prefix + c
+            for c in difflib.get_close_matches(name[len(prefix) :], pool, n=3, cutoff=0.6)
+        ]
     else:
         close = difflib.get_close_matches(name, model_names(), n=3, cutoff=0.6)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
-    return UserError(f"config key 'model.name': unknown model '{name}'{hint} "
-                     f"(`distrain models` lists them; timm models are timm:NAME)")
+    return UserError(
+        f"config key 'model.name': unknown model '{name}'{hint} "
+        f"(`distrain models` lists them; timm models are timm:NAME)"
+    )
 
 
 # -- building on the meta device -----------------------------------------------------------------
+
 
 @contextlib.contextmanager
 def meta_parameters():
@@ -150,8 +169,10 @@ def meta_parameters():
     def buffer(_mod, _name, b):
         return None if b is None or b.is_meta else b.to("meta")
 
-    hooks = [M.register_module_parameter_registration_hook(param),
-             M.register_module_buffer_registration_hook(buffer)]
+    hooks = [
+        M.register_module_parameter_registration_hook(param),
+        M.register_module_buffer_registration_hook(buffer),
+    ]
     try:
         yield
     finally:
@@ -160,7 +181,8 @@ def meta_parameters():
 
 
 def on_meta(build: Callable[[], nn.Module]) -> nn.Module:
-    """``build()`` with no parameter memory: under the meta device, else with meta registration hooks."""
+    """``build()`` with no parameter memory: under the meta device, else with meta registration
+    hooks."""
     try:
         with torch.device("meta"):
             return build()
@@ -170,33 +192,53 @@ def on_meta(build: Callable[[], nn.Module]) -> nn.Module:
 
 
 def find_head(model: nn.Module, num_classes: int) -> str:
-    """Dotted path of the last Linear / Conv2d with ``num_classes`` outputs (the classifier layer)."""
-    found = [n for n, m in model.named_modules()
-             if (isinstance(m, nn.Linear) and m.out_features == num_classes)
-             or (isinstance(m, nn.Conv2d) and m.out_channels == num_classes)]
+    """Dotted path of the last Linear / Conv2d with ``num_classes`` outputs (the classifier
+    layer)."""
+    found = [
+        n
+        for n, m in model.named_modules()
+        if (isinstance(m, nn.Linear) and m.out_features == num_classes)
+        or (isinstance(m, nn.Conv2d) and m.out_channels == num_classes)
+    ]
     if not found:
-        raise UserError(f"config key 'model.name': found no classifier layer with {num_classes} outputs in "
-                        f"{type(model).__name__}; it is not a classification model distrain can fine-tune")
+        raise UserError(
+            f"config key 'model.name': found no classifier layer with {num_classes} outputs in "
+            f"{type(model).__name__}; it is not a classification model distrain can fine-tune"
+        )
     return found[-1]
 
 
 def imagenet_num_params(model: nn.Module, head: str) -> int:
-    """Parameters of ``model`` (built with the sentinel class count) with a 1000-class head instead."""
+    """Parameters of ``model`` (built with the sentinel class count) with a 1000-class head
+    instead."""
     layer = model.get_submodule(head)
     per_class = sum(p.numel() for p in layer.parameters()) // SENTINEL_CLASSES
     return sum(p.numel() for p in model.parameters()) + (1000 - SENTINEL_CLASSES) * per_class
 
 
 def head_group_of(model: nn.Module, head: str) -> tuple[str, ...]:
-    """The head's parent block when it is a classifier below the root (VGG: classifier), else the head."""
+    """The head's parent block when it is a classifier below the root (VGG: classifier), else the
+    head."""
     parent = head.rpartition(".")[0]
     if not parent or "." in parent:
         return (head,)
     block = model.get_submodule(parent)
-    # A classifier block holds only the head, dropout, activations, norms, pooling and flattening: no
+    # A classifier block holds only the head, dropout, activations, norms, pooling and flattening:
+    # no
     # feature blocks (EfficientNet's classifier is Dropout + Linear; a ResNet layer is not one).
-    leaf_kinds = (nn.Linear, nn.Conv2d, nn.Dropout, nn.ReLU, nn.Hardswish, nn.GELU, nn.Tanh, nn.Flatten,
-                  nn.AdaptiveAvgPool2d, nn.LayerNorm, nn.Identity)
+    leaf_kinds = (
+        nn.Linear,
+        nn.Conv2d,
+        nn.Dropout,
+        nn.ReLU,
+        nn.Hardswish,
+        nn.GELU,
+        nn.Tanh,
+        nn.Flatten,
+        nn.AdaptiveAvgPool2d,
+        nn.LayerNorm,
+        nn.Identity,
+    )
     leaves = [m for m in block.modules() if not list(m.children())]
     ok = all(isinstance(m, leaf_kinds) or "Norm" in type(m).__name__ for m in leaves)
     return (parent,) if ok and isinstance(block, nn.Sequential) else (head,)
@@ -204,10 +246,13 @@ def head_group_of(model: nn.Module, head: str) -> tuple[str, ...]:
 
 # -- specs ---------------------------------------------------------------------------------------
 
+
 def spec_for(name: str) -> ModelSpec:
     """The spec of a model.name; UserError with the nearest names for an unknown one."""
     if not isinstance(name, str) or not name:
-        raise UserError("config key 'model.name' must be a model name (`distrain models` lists them)")
+        raise UserError(
+            "config key 'model.name' must be a model name (`distrain models` lists them)"
+        )
     if name.startswith(TIMM_PREFIX):
         _require_timm(name)
     return _spec(name)
@@ -216,8 +261,14 @@ def spec_for(name: str) -> ModelSpec:
 @functools.lru_cache(maxsize=None)
 def _spec(name: str) -> ModelSpec:
     if name == CIFAR_QUICK:
-        return ModelSpec(CIFAR_QUICK, CIFAR_QUICK, head="model.8", head_group=("model.7", "model.8"),
-                         native_size=32, num_params=145578)
+        return ModelSpec(
+            CIFAR_QUICK,
+            CIFAR_QUICK,
+            head="model.8",
+            head_group=("model.7", "model.8"),
+            native_size=32,
+            num_params=145578,
+        )
     if name.startswith(TIMM_PREFIX):
         return _timm_spec(name)
     if name in torchvision_names():
@@ -234,7 +285,9 @@ def _torchvision_spec(name: str) -> ModelSpec:
     model = on_meta(lambda: builder(weights=None, num_classes=SENTINEL_CLASSES, **kwargs))
     ignored: tuple[str, ...] = ()
     if kwargs:  # the auxiliary heads of the default build, which the ImageNet files hold
-        full = on_meta(lambda: builder(weights=None, num_classes=SENTINEL_CLASSES, init_weights=True))
+        full = on_meta(
+            lambda: builder(weights=None, num_classes=SENTINEL_CLASSES, init_weights=True)
+        )
         kept = dict(model.named_children())
         ignored = tuple(n for n, _ in full.named_children() if n not in kept)
     head = find_head(model, SENTINEL_CLASSES)
@@ -242,19 +295,30 @@ def _torchvision_spec(name: str) -> ModelSpec:
     default = enum.DEFAULT if len(enum) else None
     native = int(default.transforms().crop_size[0]) if default is not None else 224
     size_kwarg = {"vision_transformer": "image_size", "maxvit": "input_size"}.get(family)
-    stem = isinstance(getattr(model, "conv1", None), nn.Conv2d) and isinstance(getattr(model, "maxpool", None),
-                                                                                 nn.MaxPool2d)
-    return ModelSpec(name, family, head=head, head_group=head_group_of(model, head), native_size=native,
-                     weights=tuple(w.name for w in enum), default_weights=default.name if default else None,
-                     size_kwarg=size_kwarg, build_kwargs=kwargs, cifar_stem=stem,
-                     stem_conv="conv1" if stem else "", ignored_prefixes=ignored,
-                     num_params=imagenet_num_params(model, head))
+    stem = isinstance(getattr(model, "conv1", None), nn.Conv2d) and isinstance(
+        getattr(model, "maxpool", None), nn.MaxPool2d
+    )
+    return ModelSpec(
+        name,
+        family,
+        head=head,
+        head_group=head_group_of(model, head),
+        native_size=native,
+        weights=tuple(w.name for w in enum),
+        default_weights=default.name if default else None,
+        size_kwarg=size_kwarg,
+        build_kwargs=kwargs,
+        cifar_stem=stem,
+        stem_conv="conv1" if stem else "",
+        ignored_prefixes=ignored,
+        num_params=imagenet_num_params(model, head),
+    )
 
 
 def _timm_spec(name: str) -> ModelSpec:
     import timm
 
-    arch = name[len(TIMM_PREFIX):]
+    arch = name[len(TIMM_PREFIX) :]
     if not timm.is_model(arch):
         raise _unknown(name)
     model = on_meta(lambda: timm.create_model(arch, pretrained=False, num_classes=SENTINEL_CLASSES))
@@ -262,20 +326,35 @@ def _timm_spec(name: str) -> ModelSpec:
     cfg = model.pretrained_cfg or {}
     native = int(cfg.get("input_size", (3, 224, 224))[-1])
     accepts_size = "img_size" in inspect.signature(type(model).__init__).parameters
-    stem = isinstance(getattr(model, "conv1", None), nn.Conv2d) and isinstance(getattr(model, "maxpool", None),
-                                                                                 nn.MaxPool2d)
-    tags = tuple(t.split(".", 1)[1] for t in timm.list_pretrained(arch) if "." in t and t.split(".")[0] == arch)
-    return ModelSpec(name, "timm", head=head, head_group=head_group_of(model, head), native_size=native,
-                     weights=tags, default_weights=cfg.get("tag") or (tags[0] if tags else None),
-                     size_kwarg="img_size" if accepts_size and cfg.get("fixed_input_size") else None,
-                     cifar_stem=stem, stem_conv="conv1" if stem else "",
-                     num_params=imagenet_num_params(model, head))
+    stem = isinstance(getattr(model, "conv1", None), nn.Conv2d) and isinstance(
+        getattr(model, "maxpool", None), nn.MaxPool2d
+    )
+    tags = tuple(
+        t.split(".", 1)[1]
+        for t in timm.list_pretrained(arch)
+        if "." in t and t.split(".")[0] == arch
+    )
+    return ModelSpec(
+        name,
+        "timm",
+        head=head,
+        head_group=head_group_of(model, head),
+        native_size=native,
+        weights=tags,
+        default_weights=cfg.get("tag") or (tags[0] if tags else None),
+        size_kwarg="img_size" if accepts_size and cfg.get("fixed_input_size") else None,
+        cifar_stem=stem,
+        stem_conv="conv1" if stem else "",
+        num_params=imagenet_num_params(model, head),
+    )
 
 
 # -- weights and preprocessing -------------------------------------------------------------------
 
+
 def torchvision_weights(spec: ModelSpec, weights: Optional[str]):
-    """torchvision's weights enum member (``weights`` or the default); UserError naming the choices."""
+    """torchvision's weights enum member (``weights`` or the default); UserError naming the
+    choices."""
     import torchvision
 
     if not spec.weights:
@@ -283,8 +362,10 @@ def torchvision_weights(spec: ModelSpec, weights: Optional[str]):
     enum = torchvision.models.get_model_weights(spec.name)
     chosen = weights or spec.default_weights
     if chosen not in spec.weights:
-        raise UserError(f"config key 'model.weights': {spec.name} has no weights '{chosen}'; "
-                        f"choose one of {', '.join(spec.weights)}")
+        raise UserError(
+            f"config key 'model.weights': {spec.name} has no weights '{chosen}'; "
+            f"choose one of {', '.join(spec.weights)}"
+        )
     return enum[chosen]
 
 
@@ -293,12 +374,16 @@ def timm_pretrained_cfg(spec: ModelSpec, weights: Optional[str]) -> dict:
 
     tag = weights or spec.default_weights
     if spec.weights and tag not in spec.weights:
-        raise UserError(f"config key 'model.weights': {spec.name} has no pretrained tag '{tag}'; "
-                        f"choose one of {', '.join(spec.weights)}")
+        raise UserError(
+            f"config key 'model.weights': {spec.name} has no pretrained tag '{tag}'; "
+            f"choose one of {', '.join(spec.weights)}"
+        )
     full = f"{spec.arch}.{tag}" if tag else spec.arch
     cfg = timm.models.get_pretrained_cfg(full)
     if cfg is None:
-        raise UserError(f"config key 'model.pretrained': timm has no pretrained config for '{full}'")
+        raise UserError(
+            f"config key 'model.pretrained': timm has no pretrained config for '{full}'"
+        )
     return cfg.to_dict()
 
 
@@ -306,26 +391,38 @@ def weights_preprocessing(spec: ModelSpec, weights: Optional[str]) -> Preprocess
     """Normalisation and eval resize ratio of a model's (default or chosen) pretrained weights."""
     if spec.is_timm:
         cfg = timm_pretrained_cfg(spec, weights)
-        return Preprocessing(tuple(cfg["mean"]), tuple(cfg["std"]), 1.0 / float(cfg.get("crop_pct") or 0.875))
+        return Preprocessing(
+            tuple(cfg["mean"]), tuple(cfg["std"]), 1.0 / float(cfg.get("crop_pct") or 0.875)
+        )
     t = torchvision_weights(spec, weights).transforms()
-    return Preprocessing(tuple(t.mean), tuple(t.std), float(t.resize_size[0]) / float(t.crop_size[0]))
+    return Preprocessing(
+        tuple(t.mean), tuple(t.std), float(t.resize_size[0]) / float(t.crop_size[0])
+    )
 
 
 # -- config rules --------------------------------------------------------------------------------
 
+
 def validate_model_config(m) -> None:
-    """The model section's rules that depend on the model (config.validate calls this on every rank)."""
+    """The model section's rules that depend on the model (config.validate calls this on every
+    rank)."""
     spec = spec_for(m.name)
     if spec.family == CIFAR_QUICK:
         if m.pretrained or m.weights_path or m.weights:
-            raise UserError("config key 'model.pretrained'/'model.weights_path': cifar10_quick has no "
-                            "pretrained weights")
+            raise UserError(
+                "config key 'model.pretrained'/'model.weights_path': cifar10_quick has no "
+                "pretrained weights"
+            )
         if m.input_size != 32:
-            raise UserError("config key 'model.input_size' must be 32 for cifar10_quick (its 1024-wide layer "
-                            "fixes it)")
+            raise UserError(
+                "config key 'model.input_size' must be 32 for cifar10_quick (its 1024-wide layer "
+                "fixes it)"
+            )
     if m.weights is not None and not (m.pretrained or m.weights_path):
-        raise UserError("config key 'model.weights' picks pretrained weights: it needs model.pretrained=true "
-                        "(or model.weights_path, whose normalisation it then names)")
+        raise UserError(
+            "config key 'model.weights' picks pretrained weights: it needs model.pretrained=true "
+            "(or model.weights_path, whose normalisation it then names)"
+        )
     if m.pretrained or m.weights:
         if not spec.weights and not spec.is_timm:
             raise UserError(f"config key 'model.pretrained': {spec.name} has no pretrained weights")
@@ -334,19 +431,24 @@ def validate_model_config(m) -> None:
         else:
             torchvision_weights(spec, m.weights)
     if m.cifar_stem and not spec.cifar_stem:
-        raise UserError(f"config key 'model.cifar_stem': {spec.name} has no ResNet stem (conv1 + maxpool) to "
-                        f"adapt; it is for resnet*, resnext* and wide_resnet*")
+        raise UserError(
+            f"config key 'model.cifar_stem': {spec.name} has no ResNet stem (conv1 + maxpool) to "
+            f"adapt; it is for resnet*, resnext* and wide_resnet*"
+        )
     if spec.family != CIFAR_QUICK:
         check_input_size(spec.name, m.input_size, m.cifar_stem)
 
 
 @functools.lru_cache(maxsize=64)
 def check_input_size(name: str, size: int, cifar_stem: bool = False) -> None:
-    """UserError when the model cannot take ``size`` x ``size`` inputs (one forward on the meta device)."""
+    """UserError when the model cannot take ``size`` x ``size`` inputs (one forward on the meta
+    device)."""
     from distrain.models import build_model
 
     try:
-        model = on_meta(lambda: build_model(name, num_classes=2, cifar_stem=cifar_stem, input_size=size))
+        model = on_meta(
+            lambda: build_model(name, num_classes=2, cifar_stem=cifar_stem, input_size=size)
+        )
         with torch.no_grad():
             model.eval()(torch.empty(1, 3, size, size, device="meta"))
     except NotImplementedError:
@@ -355,8 +457,10 @@ def check_input_size(name: str, size: int, cifar_stem: bool = False) -> None:
         if "meta" in str(e).lower():
             return
         why = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-        raise UserError(f"config key 'model.input_size': {name} cannot take {size}x{size} inputs ({why}); "
-                        f"its native size is {_spec(name).native_size}") from None
+        raise UserError(
+            f"config key 'model.input_size': {name} cannot take {size}x{size} inputs ({why}); "
+            f"its native size is {_spec(name).native_size}"
+        ) from None
 
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -369,11 +473,13 @@ def uses_weights(mcfg) -> bool:
 
 
 def preprocessing(mcfg, data_name: str) -> tuple[tuple, tuple, int, int]:
-    """(mean, std, resize, crop) of a model config on a dataset: what training, eval, export and predict use.
+    """(mean, std, resize, crop) of a model config on a dataset: what training, eval, export and
+    predict use.
 
-    Pretrained (hub or local file): the weights' own normalisation and resize/crop ratio. From scratch:
-    CIFAR-10's statistics on the in-memory datasets, ImageNet's on photos, and the default 1.14 ratio.
-    In-memory datasets are never resized before the device upsampling: resize = crop = input_size.
+    Pretrained (hub or local file): the weights' own normalisation and resize/crop ratio. From
+    scratch: CIFAR-10's statistics on the in-memory datasets, ImageNet's on photos, and the default
+    1.14 ratio. In-memory datasets are never resized before the device upsampling: resize = crop =
+    input_size.
     """
     spec = spec_for(mcfg.name)
     size = mcfg.input_size

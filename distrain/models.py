@@ -1,12 +1,12 @@
-"""Model registry: `build_model(name, num_classes)` for the seed's CIFAR10-quick net, every torchvision
-classification model and (with the timm extra) ``timm:NAME``.
+"""Model registry: `build_model(name, num_classes)` for the seed's CIFAR10-quick net, every
+torchvision classification model and (with the timm extra) ``timm:NAME``.
 
 What each model is (head, trainable head group, native size, weights) lives in its `ModelSpec`
 (model_specs.py); this module builds models from specs and splits their parameters.
 
 Invariants: models know nothing about distribution or devices. A built model carries its spec name
-(``distrain_spec``) so that `backbone_and_head` works on it alone. Exported weights load strictly into
-what this module builds and, without a CIFAR stem, into ``torchvision.models.get_model(name,
+(``distrain_spec``) so that `backbone_and_head` works on it alone. Exported weights load strictly
+into what this module builds and, without a CIFAR stem, into ``torchvision.models.get_model(name,
 num_classes=N, **builder_kwargs(...))`` (the builder arguments are in model.json).
 """
 
@@ -17,14 +17,20 @@ from typing import Optional
 import torch
 from torch import nn
 
-from distrain.model_specs import (CIFAR_QUICK, ModelSpec, model_names, on_meta,  # noqa: F401 - re-exported
-                                  spec_for)
+from distrain.model_specs import (
+    CIFAR_QUICK,
+    ModelSpec,
+    model_names,
+    on_meta,  # noqa: F401 - re-exported
+    spec_for,
+)
 
 SPEC_ATTR = "distrain_spec"
 
 
 class Cifar10Quick(nn.Module):
-    """The seed tutorial's CIFAR10-quick network, layer for layer (it has no activations between layers)."""
+    """The seed tutorial's CIFAR10-quick network, layer for layer (it has no activations between
+    layers)."""
 
     def __init__(self, num_classes: int = 10):
         super().__init__()
@@ -45,30 +51,39 @@ class Cifar10Quick(nn.Module):
 
 
 def builder_kwargs(spec: ModelSpec, input_size: Optional[int] = None) -> dict:
-    """The builder arguments besides num_classes: fixed ones and the input size where it is built in."""
+    """The builder arguments besides num_classes: fixed ones and the input size where it is built
+    in."""
     return {**spec.build_kwargs, **spec.size_kwargs(input_size)}
 
 
 def apply_cifar_stem(model: nn.Module, spec: ModelSpec) -> nn.Module:
-    """The CIFAR ResNet stem: a 3x3 stride-1 first conv and no max-pool (32x32 inputs keep their detail)."""
+    """The CIFAR ResNet stem: a 3x3 stride-1 first conv and no max-pool (32x32 inputs keep their
+    detail)."""
     from distrain.errors import UserError
 
     if not spec.cifar_stem:
-        raise UserError(f"config key 'model.cifar_stem': {spec.name} has no ResNet stem (conv1 + maxpool) to "
-                        f"adapt; use it with resnet*, resnext* or wide_resnet*, or set model.input_size instead")
+        raise UserError(
+            f"config key 'model.cifar_stem': {spec.name} has no ResNet stem (conv1 + maxpool) to "
+            f"adapt; use it with resnet*, resnext* or wide_resnet*, or set model.input_size instead"
+        )
     old = model.get_submodule(spec.stem_conv)
-    model.conv1 = nn.Conv2d(old.in_channels, old.out_channels, 3, stride=1, padding=1, bias=old.bias is not None)
-    nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")  # as torchvision's ResNet
+    model.conv1 = nn.Conv2d(
+        old.in_channels, old.out_channels, 3, stride=1, padding=1, bias=old.bias is not None
+    )
+    # Initialised as torchvision's ResNet initialises its convolutions.
+    nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
     model.maxpool = nn.Identity()
     return model
 
 
-def build_model(name: str, num_classes: int = 10, cifar_stem: bool = False,
-                input_size: Optional[int] = None) -> nn.Module:
-    """A freshly initialised model with a ``num_classes`` head (UserError naming close names if unknown).
+def build_model(
+    name: str, num_classes: int = 10, cifar_stem: bool = False, input_size: Optional[int] = None
+) -> nn.Module:
+    """A freshly initialised model with a ``num_classes`` head (UserError naming close names if
+    unknown).
 
-    ``input_size`` matters only to models that build it in (ViT's position embeddings); others take any
-    size their pooling allows.
+    ``input_size`` matters only to models that build it in (ViT's position embeddings); others take
+    any size their pooling allows.
     """
     spec = spec_for(name)
     if spec.family == CIFAR_QUICK:
@@ -81,18 +96,24 @@ def build_model(name: str, num_classes: int = 10, cifar_stem: bool = False,
     else:
         import torchvision
 
-        model = torchvision.models.get_model(name, weights=None, num_classes=num_classes,
-                                             **builder_kwargs(spec, input_size))
+        model = torchvision.models.get_model(
+            name, weights=None, num_classes=num_classes, **builder_kwargs(spec, input_size)
+        )
     if cifar_stem:
         model = apply_cifar_stem(model, spec)
-    object.__setattr__(model, SPEC_ATTR, spec.name)  # a plain attribute: not a parameter, not in state_dict
+    # A plain attribute: not a parameter or buffer, so not in the state_dict.
+    object.__setattr__(model, SPEC_ATTR, spec.name)
     return model
 
 
 def build_from_config(mcfg) -> nn.Module:
     """`build_model` with a ModelConfig's name, classes, stem and input size."""
-    return build_model(mcfg.name, num_classes=mcfg.num_classes, cifar_stem=mcfg.cifar_stem,
-                       input_size=mcfg.input_size)
+    return build_model(
+        mcfg.name,
+        num_classes=mcfg.num_classes,
+        cifar_stem=mcfg.cifar_stem,
+        input_size=mcfg.input_size,
+    )
 
 
 def model_spec(model: nn.Module) -> ModelSpec:
@@ -105,26 +126,31 @@ def model_spec(model: nn.Module) -> ModelSpec:
 
 
 def backbone_and_head(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """Split parameters into the feature extractor and the classifier, for freezing and lr multipliers."""
+    """Split parameters into the feature extractor and the classifier, for freezing and lr
+    multipliers."""
     spec = model_spec(model)
     head = [p for path in spec.head_group for p in model.get_submodule(path).parameters()]
     ids = {id(p) for p in head}
     return [p for p in model.parameters() if id(p) not in ids], head
 
 
-def convert_sync_batchnorm(model: nn.Module, world_size: int, device_type: str = "cuda") -> nn.Module:
+def convert_sync_batchnorm(
+    model: nn.Module, world_size: int, device_type: str = "cuda"
+) -> nn.Module:
     """model.sync_bn: BatchNorm statistics over all ranks' micro-batches.
 
-    Only with ``world_size > 1`` (SyncBatchNorm needs a process group; one process keeps plain BatchNorm,
-    which computes the same). torch's SyncBatchNorm has kernels for GPUs only.
+    Only with ``world_size > 1`` (SyncBatchNorm needs a process group; one process keeps plain
+    BatchNorm, which computes the same). torch's SyncBatchNorm has kernels for GPUs only.
     """
     if world_size <= 1:
         return model
     if device_type == "cpu":
         from distrain.errors import UserError
 
-        raise UserError("config key 'model.sync_bn': torch's SyncBatchNorm runs on GPUs only; with several CPU "
-                        "processes set model.sync_bn=false")
+        raise UserError(
+            "config key 'model.sync_bn': torch's SyncBatchNorm runs on GPUs only; with several CPU "
+            "processes set model.sync_bn=false"
+        )
     return nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
 

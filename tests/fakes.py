@@ -192,9 +192,9 @@ def write_image_folder(
 # -- any torchvision / timm model's weights ------------------------------------------------------
 
 def random_state_dict(model: torch.nn.Module, seed: int = 0) -> dict:
-    """Random tensors with exactly ``model``'s state_dict keys, shapes and dtypes (it may live on meta).
+    """Random tensors with exactly ``model``'s state_dict keys, shapes and dtypes (model may be meta).
 
-    Weights ~ N(0, 0.05); BatchNorm running variances positive; integer buffers (num_batches_tracked) 0.
+    Weights ~ N(0, 0.05); BatchNorm running variances positive; integer buffers (batch counts) 0.
     """
     g = torch.Generator().manual_seed(seed)
     out = {}
@@ -209,8 +209,8 @@ def random_state_dict(model: torch.nn.Module, seed: int = 0) -> dict:
 
 
 def write_model_weights(path: PathLike, name: str, seed: int = 0) -> Path:
-    """A stand-in for a pretrained file of torchvision model ``name`` (or ``timm:NAME``): torchvision's
-    (timm's) own default build with its 1000-class head, random values, saved with torch.save
+    """A stand-in for a pretrained file of torchvision model ``name`` (or ``timm:NAME``): its
+    torchvision (timm) default build with the 1000-class head, random values, saved with torch.save
     (a ``.safetensors`` path: safetensors). Built on the meta device: only the file costs memory."""
     from distrain.model_specs import TIMM_PREFIX, on_meta
 
@@ -239,7 +239,7 @@ def hub_weights_path(torch_home: PathLike, name: str, weights: str = "DEFAULT") 
 
 
 def write_hf_cache_file(cache: PathLike, repo: str, filename: str, src: PathLike) -> Path:
-    """Lay ``src`` out as the Hugging Face hub cache keeps a downloaded file (refs/main -> snapshot)."""
+    """Lay ``src`` out as the Hugging Face hub cache keeps a download (refs/main -> snapshot)."""
     import shutil
 
     base = Path(cache) / ("models--" + repo.replace("/", "--"))

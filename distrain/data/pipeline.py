@@ -25,7 +25,8 @@ from distrain.data.augment import CropFlipParams, Normalizer, PaddedStore, crop_
 from distrain.data.cache import load_cifar10_cached
 from distrain.data.sampling import EpochPlan, IndexBatchSampler, PlanBatchSampler, eval_shard
 from distrain.errors import UserError
-from distrain.model_specs import IMAGENET_MEAN, IMAGENET_STD, preprocessing  # noqa: F401 - re-exported
+# IMAGENET_MEAN / IMAGENET_STD are re-exported for their old importers.
+from distrain.model_specs import IMAGENET_MEAN, IMAGENET_STD, preprocessing  # noqa: F401
 
 
 
@@ -57,8 +58,8 @@ def prepare_data(cfg: Config) -> None:
 
 
 def normalization(cfg: Config) -> tuple[tuple, tuple]:
-    """The model's normalisation on this dataset (see model_specs.preprocessing: the weights' own, or
-    ImageNet statistics for photos, CIFAR-10's otherwise)."""
+    """The model's normalisation on this dataset (model_specs.preprocessing: the weights' own,
+    or ImageNet statistics for photos, CIFAR-10's otherwise)."""
     mean, std, _, _ = preprocessing(cfg.model, cfg.data.name)
     return mean, std
 
@@ -82,8 +83,8 @@ def load_split(cfg: Config, train: bool) -> Split:
             paths, labels = paths[:limit], labels[:limit]
         resize = preprocessing(cfg.model, d.name)[2]  # the eval resize of the model's weights
         ds = imagefolder.ImageFolderDataset(
-            paths, labels, size=cfg.model.input_size, train=train, augment=d.augment and train, seed=cfg.train.seed,
-            resize=resize,
+            paths, labels, size=cfg.model.input_size, train=train, augment=d.augment and train,
+            seed=cfg.train.seed, resize=resize,
         )
         return Split(torch.as_tensor(np.asarray(labels), dtype=torch.int64), list(classes), dataset=ds,
                      source=os.path.join(d.root, split))
