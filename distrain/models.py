@@ -134,24 +134,26 @@ def backbone_and_head(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Par
     return [p for p in model.parameters() if id(p) not in ids], head
 
 
-def convert_sync_batchnorm(
-    model: nn.Module, world_size: int, device_type: str = "cuda"
-) -> nn.Module:
+def convert_sync_batchnorm(model: nn.Module, world_size: int, device_type: str = "cuda",
+                           reduce_sum=None) -> nn.Module:
     """model.sync_bn: BatchNorm statistics over all ranks' micro-batches.
 
-    Only with ``world_size > 1`` (SyncBatchNorm needs a process group; one process keeps plain
-    BatchNorm, which computes the same). torch's SyncBatchNorm has kernels for GPUs only.
+    Only with ``world_size > 1`` (one process keeps plain BatchNorm, which computes the same). GPUs:
+    torch's SyncBatchNorm. CPU processes, where it has no kernels: `cross_rank_bn.CrossRankBatchNorm`
+    with ``reduce_sum`` (a callable summing a tensor over all ranks, from the distribution layer).
     """
     if world_size <= 1:
         return model
-    if device_type == "cpu":
+    if device_type != "cpu":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if reduce_sum is None:
         from distrain.errors import UserError
 
-        raise UserError(
-            "config key 'model.sync_bn': torch's SyncBatchNorm runs on GPUs only; with several CPU "
-            "processes set model.sync_bn=false"
-        )
-    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        raise UserError("config key 'model.sync_bn': several CPU processes need an all-reduce for "
+                        "their BatchNorm statistics, and none was given")
+    from distrain import cross_rank_bn
+
+    return cross_rank_bn.convert(model, reduce_sum)
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
