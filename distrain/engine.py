@@ -310,7 +310,8 @@ class Trainer:
             model = model.to(memory_format=torch.channels_last)
         # SyncBatchNorm needs the process group: after it exists, before DDP wraps the model.
         if cfg.model.sync_bn:
-            model = convert_sync_batchnorm(model, self.world, self.rt.device)
+            model = convert_sync_batchnorm(model, self.world, self.rt.device,
+                                           lambda t: self.accelerator.reduce(t, reduction="sum"))
         return model
 
     def unwrapped(self) -> torch.nn.Module:
