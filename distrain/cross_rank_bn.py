@@ -1,16 +1,17 @@
-"""BatchNorm over all ranks' micro-batches on CPU processes, where torch's SyncBatchNorm has no kernels.
+"""BatchNorm over all ranks' micro-batches on CPU processes (torch's SyncBatchNorm: GPUs only).
 
-`CrossRankBatchNorm` computes, in training mode, the per-channel sum, sum of squares and count of its
-input, sums them over the ranks with the ``reduce_sum`` callable it is given (the distribution layer's
-all-reduce), and normalises with the global mean and (biased) variance; running statistics are updated
-with the global unbiased variance, as torch's BatchNorm does. The sum is differentiable: its backward
-sums the gradients of the global statistics over the ranks again, so that after DDP averages the
-parameter gradients they equal those of one process running the whole batch through plain BatchNorm.
+`CrossRankBatchNorm` computes, in training mode, the per-channel sum, sum of squares and count of
+its input, sums them over the ranks with the ``reduce_sum`` callable it is given (the distribution
+layer's all-reduce), and normalises with the global mean and (biased) variance; running statistics
+are updated with the global unbiased variance, as torch's BatchNorm does. The sum is
+differentiable: its backward sums the gradients of the global statistics over the ranks again, so
+that after DDP averages the parameter gradients they equal those of one process running the whole
+batch through plain BatchNorm.
 
-Invariants: the module has BatchNorm's parameters, buffers and state_dict keys (checkpoints and exports
-do not change); outside training mode it is plain BatchNorm with the running statistics; it imports no
-distribution library (the all-reduce arrives as a callable) and every rank must call it in the same
-order, as for any collective.
+Invariants: the module has BatchNorm's parameters, buffers and state_dict keys (checkpoints and
+exports do not change); outside training mode it is plain BatchNorm with the running statistics; it
+imports no distribution library (the all-reduce arrives as a callable) and every rank must call it
+in the same order, as for any collective.
 """
 
 from __future__ import annotations
@@ -77,8 +78,8 @@ class CrossRankBatchNorm(nn.modules.batchnorm._BatchNorm):
 
 
 def convert(module: nn.Module, reduce_sum: ReduceSum) -> nn.Module:
-    """Every BatchNorm layer of ``module`` as a CrossRankBatchNorm with the same values (in place for
-    children; returns the replacement when ``module`` itself is a BatchNorm)."""
+    """Every BatchNorm layer of ``module`` as a CrossRankBatchNorm with the same values (in place
+    for children; returns the replacement when ``module`` itself is a BatchNorm)."""
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(
             module, (CrossRankBatchNorm, nn.SyncBatchNorm)):
         new = CrossRankBatchNorm(module.num_features, reduce_sum, eps=module.eps,

@@ -139,8 +139,9 @@ def convert_sync_batchnorm(model: nn.Module, world_size: int, device_type: str =
     """model.sync_bn: BatchNorm statistics over all ranks' micro-batches.
 
     Only with ``world_size > 1`` (one process keeps plain BatchNorm, which computes the same). GPUs:
-    torch's SyncBatchNorm. CPU processes, where it has no kernels: `cross_rank_bn.CrossRankBatchNorm`
-    with ``reduce_sum`` (a callable summing a tensor over all ranks, from the distribution layer).
+    torch's SyncBatchNorm. CPU processes, where it has no kernels:
+    `cross_rank_bn.CrossRankBatchNorm` with ``reduce_sum`` (a callable summing a tensor over all
+    ranks, from the distribution layer).
     """
     if world_size <= 1:
         return model

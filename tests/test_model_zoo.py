@@ -462,8 +462,8 @@ def test_two_processes_equal_one_for_a_model_without_batchnorm(tmp_path) -> None
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_two_processes_with_sync_bn_equal_one(tmp_path) -> None:
-    """A BatchNorm model (timm's tiny ResNet, no dropout) with model.sync_bn on 2 CPU processes x B/2
-    ends with the weights and running statistics of 1 process x B."""
+    """A BatchNorm model (timm's tiny ResNet, no dropout) with model.sync_bn on 2 CPU processes x
+    B/2 ends with the weights and running statistics of 1 process x B."""
     pytest.importorskip("timm", reason="the timm extra is not installed")
     common = {"model.name": "timm:test_resnet", "model.sync_bn": "true", "data.augment": "false",
               "train.scheduler": "none", "train.max_steps": 3, "train.lr": 0.05}
