@@ -24,8 +24,7 @@ def _matches(name: str, pattern: Optional[str]) -> bool:
 
 
 def catalog(pattern: Optional[str] = None, pretrained_only: bool = False) -> list[ModelSpec]:
-    """Specs of the names matching ``pattern`` (a substring or a glob), optionally only pretrained
-    ones."""
+    """Specs of the names matching ``pattern`` (substring or glob), optionally pretrained only."""
     timm_wanted = bool(pattern) and pattern.startswith(TIMM_PREFIX)
     if timm_wanted and not timm_available():
         raise UserError("timm is not installed; install the extra: pip install 'distrain[timm]'")
@@ -52,8 +51,7 @@ def row(spec: ModelSpec) -> dict:
 
 
 def format_table(specs: list[ModelSpec]) -> str:
-    """One line per model: name, parameters (1000-class head; cifar10_quick: 10), native size,
-    weights."""
+    """One line per model: name, parameters, native size, weights (the default starred)."""
     lines = [f"{'name':<26} {'params':>8} {'size':>5}  weights (* default)"]
     for s in specs:
         weights = ", ".join(

@@ -49,8 +49,7 @@ _AUX_FREE = {
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """How images reach the network: normalisation, and (photos) the eval resize then centre
-    crop."""
+    """How images reach the network: normalisation and (photos) the eval resize ratio."""
 
     mean: tuple[float, ...]
     std: tuple[float, ...]
@@ -181,8 +180,7 @@ def meta_parameters():
 
 
 def on_meta(build: Callable[[], nn.Module]) -> nn.Module:
-    """``build()`` with no parameter memory: under the meta device, else with meta registration
-    hooks."""
+    """``build()`` without parameter memory: meta device, else meta registration hooks."""
     try:
         with torch.device("meta"):
             return build()
@@ -192,8 +190,7 @@ def on_meta(build: Callable[[], nn.Module]) -> nn.Module:
 
 
 def find_head(model: nn.Module, num_classes: int) -> str:
-    """Dotted path of the last Linear / Conv2d with ``num_classes`` outputs (the classifier
-    layer)."""
+    """Dotted path of the last Linear / Conv2d with ``num_classes`` outputs: the classifier."""
     found = [
         n
         for n, m in model.named_modules()
@@ -209,36 +206,22 @@ def find_head(model: nn.Module, num_classes: int) -> str:
 
 
 def imagenet_num_params(model: nn.Module, head: str) -> int:
-    """Parameters of ``model`` (built with the sentinel class count) with a 1000-class head
-    instead."""
+    """Parameters of ``model`` (built with the sentinel class count) with a 1000-class head."""
     layer = model.get_submodule(head)
     per_class = sum(p.numel() for p in layer.parameters()) // SENTINEL_CLASSES
     return sum(p.numel() for p in model.parameters()) + (1000 - SENTINEL_CLASSES) * per_class
 
 
 def head_group_of(model: nn.Module, head: str) -> tuple[str, ...]:
-    """The head's parent block when it is a classifier below the root (VGG: classifier), else the
-    head."""
+    """The head's classifier block below the root (VGG: ``classifier``), else the head alone."""
     parent = head.rpartition(".")[0]
     if not parent or "." in parent:
         return (head,)
     block = model.get_submodule(parent)
-    # A classifier block holds only the head, dropout, activations, norms, pooling and flattening:
-    # no
-    # feature blocks (EfficientNet's classifier is Dropout + Linear; a ResNet layer is not one).
-    leaf_kinds = (
-        nn.Linear,
-        nn.Conv2d,
-        nn.Dropout,
-        nn.ReLU,
-        nn.Hardswish,
-        nn.GELU,
-        nn.Tanh,
-        nn.Flatten,
-        nn.AdaptiveAvgPool2d,
-        nn.LayerNorm,
-        nn.Identity,
-    )
+    # A classifier block holds only the head, dropout, activations, norms, pooling and flattening,
+    # no feature blocks (EfficientNet's classifier is Dropout + Linear; a ResNet layer is not one).
+    leaf_kinds = (nn.Linear, nn.Conv2d, nn.Dropout, nn.ReLU, nn.Hardswish, nn.GELU, nn.Tanh,
+                  nn.Flatten, nn.AdaptiveAvgPool2d, nn.LayerNorm, nn.Identity)
     leaves = [m for m in block.modules() if not list(m.children())]
     ok = all(isinstance(m, leaf_kinds) or "Norm" in type(m).__name__ for m in leaves)
     return (parent,) if ok and isinstance(block, nn.Sequential) else (head,)
@@ -353,8 +336,7 @@ def _timm_spec(name: str) -> ModelSpec:
 
 
 def torchvision_weights(spec: ModelSpec, weights: Optional[str]):
-    """torchvision's weights enum member (``weights`` or the default); UserError naming the
-    choices."""
+    """torchvision's weights enum member (``weights`` or the default); UserError if unknown."""
     import torchvision
 
     if not spec.weights:
@@ -404,8 +386,7 @@ def weights_preprocessing(spec: ModelSpec, weights: Optional[str]) -> Preprocess
 
 
 def validate_model_config(m) -> None:
-    """The model section's rules that depend on the model (config.validate calls this on every
-    rank)."""
+    """The model rules of the config (config.validate calls this, on every rank)."""
     spec = spec_for(m.name)
     if spec.family == CIFAR_QUICK:
         if m.pretrained or m.weights_path or m.weights:
@@ -441,8 +422,7 @@ def validate_model_config(m) -> None:
 
 @functools.lru_cache(maxsize=64)
 def check_input_size(name: str, size: int, cifar_stem: bool = False) -> None:
-    """UserError when the model cannot take ``size`` x ``size`` inputs (one forward on the meta
-    device)."""
+    """UserError when the model cannot take ``size`` x ``size`` inputs (a meta forward)."""
     from distrain.models import build_model
 
     try:

@@ -29,8 +29,7 @@ SPEC_ATTR = "distrain_spec"
 
 
 class Cifar10Quick(nn.Module):
-    """The seed tutorial's CIFAR10-quick network, layer for layer (it has no activations between
-    layers)."""
+    """The seed tutorial's CIFAR10-quick network, layer for layer (no activations between)."""
 
     def __init__(self, num_classes: int = 10):
         super().__init__()
@@ -51,14 +50,12 @@ class Cifar10Quick(nn.Module):
 
 
 def builder_kwargs(spec: ModelSpec, input_size: Optional[int] = None) -> dict:
-    """The builder arguments besides num_classes: fixed ones and the input size where it is built
-    in."""
+    """Builder arguments besides num_classes: fixed ones, and the input size if built in."""
     return {**spec.build_kwargs, **spec.size_kwargs(input_size)}
 
 
 def apply_cifar_stem(model: nn.Module, spec: ModelSpec) -> nn.Module:
-    """The CIFAR ResNet stem: a 3x3 stride-1 first conv and no max-pool (32x32 inputs keep their
-    detail)."""
+    """The CIFAR ResNet stem: 3x3 stride-1 first conv, no max-pool (32x32 inputs keep detail)."""
     from distrain.errors import UserError
 
     if not spec.cifar_stem:
@@ -126,8 +123,7 @@ def model_spec(model: nn.Module) -> ModelSpec:
 
 
 def backbone_and_head(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """Split parameters into the feature extractor and the classifier, for freezing and lr
-    multipliers."""
+    """Split parameters into feature extractor and classifier (freezing, lr multipliers)."""
     spec = model_spec(model)
     head = [p for path in spec.head_group for p in model.get_submodule(path).parameters()]
     ids = {id(p) for p in head}

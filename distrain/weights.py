@@ -75,8 +75,7 @@ def _download(url: str, dst: Path, what: str) -> None:
 
 
 def prepare_weights(cfg) -> None:
-    """Main process, before any rank builds the model: make sure the pretrained file is in its
-    cache."""
+    """Main process, before any rank builds the model: the pretrained file into its cache."""
     m = cfg.model
     if not m.pretrained:
         return
@@ -162,8 +161,7 @@ def weights_file(mcfg) -> Path:
 
 
 def read_state_dict(path: Path, key: str, url: str = "") -> dict:
-    """A flat {name: tensor} dict from a torchvision-format file (weights_only) or a safetensors
-    file."""
+    """A flat {name: tensor} dict from a torch.save file (weights_only) or a safetensors file."""
     if not path.is_file():
         if key == "model.weights_path":
             raise UserError(f"config key 'model.weights_path': file '{path}' does not exist")
@@ -204,8 +202,7 @@ def read_state_dict(path: Path, key: str, url: str = "") -> dict:
 
 
 def _skipped(spec: ModelSpec, own: dict, cifar_stem: bool) -> tuple[str, ...]:
-    """Key prefixes not taken from a file: the head, aux heads the model lacks, a CIFAR stem's
-    conv."""
+    """Key prefixes not taken from a file: the head, absent aux heads, a CIFAR stem's conv."""
     prefixes = [spec.head + "."] + [p + "." for p in spec.ignored_prefixes]
     if cifar_stem and spec.stem_conv:
         prefixes.append(spec.stem_conv + ".")
@@ -213,8 +210,7 @@ def _skipped(spec: ModelSpec, own: dict, cifar_stem: bool) -> tuple[str, ...]:
 
 
 def _resize_position_embeddings(spec: ModelSpec, model: nn.Module, body: dict) -> dict:
-    """torchvision ViT built for another input size: its position embeddings, interpolated
-    (bicubic)."""
+    """torchvision ViT built for another input size: position embeddings interpolated."""
     key = "encoder.pos_embedding"
     if spec.family != "vision_transformer" or key not in body or not hasattr(model, "image_size"):
         return body
@@ -236,8 +232,7 @@ def _mismatch_hint(name: str, keys: list[str]) -> str:
 
 
 def check_fits(model: nn.Module, sd: dict, mcfg, key: str, path: Path) -> dict:
-    """The keys of ``sd`` that ``model`` takes (all but the skipped ones); UserError if anything
-    else differs."""
+    """The keys of ``sd`` that ``model`` takes (all but the skipped ones); UserError otherwise."""
     spec = spec_for(mcfg.name)
     own = model.state_dict()
     skip = _skipped(spec, own, getattr(mcfg, "cifar_stem", False))
@@ -281,8 +276,7 @@ def check_fits(model: nn.Module, sd: dict, mcfg, key: str, path: Path) -> dict:
 
 
 def load_pretrained(model: nn.Module, mcfg) -> None:
-    """Load everything but the classifier head from the configured file into ``model`` (strict
-    otherwise)."""
+    """Load everything but the classifier head from the configured file (strict otherwise)."""
     key = "model.weights_path" if mcfg.weights_path else "model.pretrained"
     spec = spec_for(mcfg.name)
     path = weights_file(mcfg)

@@ -187,8 +187,7 @@ def test_offline_missing_and_wrong_shape_files_are_user_errors(name, tmp_path, m
 
 
 def test_vit_weights_follow_the_input_size(tmp_path) -> None:
-    """vit_b_16 built for 32x32 (4 patches): the file's 14x14 position embeddings are
-    interpolated."""
+    """vit_b_16 built for 32x32 (4 patches): the file's 14x14 position embeddings interpolated."""
     f = write_model_weights(tmp_path / "vit.pth", "vit_b_16", seed=2)
     mcfg = ModelConfig(name="vit_b_16", num_classes=3, input_size=32, weights_path=str(f))
     model = _fresh(mcfg)
@@ -228,8 +227,7 @@ def test_cifar_stem_loads_everything_but_conv1(tmp_path) -> None:
 
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small", "efficientnet_b0"])
 def test_frozen_backbone_stays_bit_identical_bn_statistics_too(name) -> None:
-    """What the engine does: backbone frozen (no optimizer state), its BatchNorm layers in eval
-    mode."""
+    """As the engine does it: backbone frozen (no optimizer state), its BatchNorm in eval mode."""
     mcfg = ModelConfig(name=name, num_classes=4, freeze_features=True, backbone_lr_mult=0.1)
     model = _fresh(mcfg)
     backbone, head = backbone_and_head(model)
