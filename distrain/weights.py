@@ -31,7 +31,8 @@ import torch
 from torch import nn
 
 from distrain.errors import UserError
-from distrain.model_specs import ModelSpec, spec_for, timm_pretrained_cfg, torchvision_weights
+from distrain.model_specs import (ModelSpec, spec_for, timm_pretrained_cfg, torchvision_names,
+                                  torchvision_weights)
 
 DOWNLOAD_TIMEOUT_S = 60  # per socket operation; a firewalled host fails instead of hanging
 TIMM_FILES = ("model.safetensors", "pytorch_model.bin")  # what timm looks for in a hub repository
@@ -223,12 +224,11 @@ def _resize_position_embeddings(spec: ModelSpec, model: nn.Module, body: dict) -
 
 
 def _mismatch_hint(name: str, keys: list[str]) -> str:
-    if not any("running_mean" in k for k in keys):
-        return ""
+    """' (vgg16 vs vgg16_bn?)' when BatchNorm keys differ and the model has such a twin."""
     plain = name[:-3] if name.endswith("_bn") else name
-    return (
-        f" ({plain} vs {plain}_bn?)" if name.endswith("_bn") or not name.startswith("timm:") else ""
-    )
+    if not any("running_mean" in k for k in keys) or plain + "_bn" not in torchvision_names():
+        return ""
+    return f" ({plain} vs {plain}_bn?)"
 
 
 def check_fits(model: nn.Module, sd: dict, mcfg, key: str, path: Path) -> dict:
