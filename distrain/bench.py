@@ -72,11 +72,11 @@ def forward_flops_per_image(cfg: Config) -> Optional[float]:
     """FLOPs of one image's forward pass (matmuls and convolutions), counted on the meta device: no compute."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from distrain.models import build_model
+    from distrain.models import build_from_config
 
     try:
         with torch.device("meta"):
-            model = build_model(cfg.model.name, num_classes=cfg.model.num_classes)
+            model = build_from_config(cfg.model)
             x = torch.empty(2, 3, cfg.model.input_size, cfg.model.input_size)
         counter = FlopCounterMode(display=False)
         with counter, torch.no_grad():

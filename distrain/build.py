@@ -21,7 +21,8 @@ from distrain.config import Config
 from distrain.data.pipeline import (InputPipeline, PipelineSpec, Split, load_split, normalization,
                                     prepare_data)
 from distrain.data.sampling import EpochPlan, derived_seed
-from distrain.models import backbone_and_head, build_model, count_parameters
+from distrain.model_specs import preprocessing
+from distrain.models import backbone_and_head, build_from_config, convert_sync_batchnorm
 from distrain.optim import build_optimizer, build_scheduler
 from distrain.seeding import seed_everything
 from distrain.toolchain import check_compile_toolchain
@@ -59,6 +60,8 @@ def build(cfg: Config, strategy) -> Components:
     train_split, test_split = load_data(cfg, strategy)
     seed_everything(cfg.train.seed)  # the same initial weights on every rank, as one process has
     model = strategy.agree("build the model", lambda: model_from_config(cfg))
+    if cfg.model.sync_bn:  # needs the process group: after it exists, before DDP wraps the model
+        model = convert_sync_batchnorm(model, strategy.world, strategy.rt.device, strategy.reduce_sum_)
     seed_everything(derived_seed(cfg.train.seed, strategy.rank, 1))
     optimizer = build_optimizer(model, cfg.train, cfg.model, strategy.device.type)
     t = cfg.train
@@ -93,7 +96,7 @@ def load_data(cfg: Config, strategy) -> tuple[Split, Split]:
 
 def model_from_config(cfg: Config) -> torch.nn.Module:
     """The bare model: architecture, initial weights, frozen backbone, memory format."""
-    model = build_model(cfg.model.name, num_classes=cfg.model.num_classes)
+    model = build_from_config(cfg.model)
     if cfg.model.pretrained or cfg.model.weights_path:
         from distrain.weights import load_pretrained
 
@@ -135,4 +138,6 @@ def pipeline_spec(cfg: Config, batch_size: int, mean_std: Optional[tuple] = None
 
 
 def split_of(cfg: Config, train: bool) -> Split:
-    return load_split(cfg.data, train, cfg.train.seed, cfg.model.num_classes, cfg.model.input_size)
+    resize = preprocessing(cfg.model, cfg.data.name)[2]  # the eval resize of the model's weights
+    return load_split(cfg.data, train, cfg.train.seed, cfg.model.num_classes, cfg.model.input_size,
+                      resize)

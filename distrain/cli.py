@@ -1,4 +1,4 @@
-"""The `distrain` command: train, eval, predict, bench, runs.
+"""The `distrain` command: train, eval, predict, bench, runs, models.
 
 User errors (`UserError`) end with one line on stderr and exit code 2, on every rank; anything else is a
 bug and keeps its traceback (exit 1). Only results go to stdout: `--json` output, and the table or
@@ -72,6 +72,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
 
     _add_runs_parser(sub, fmt)
+    m = sub.add_parser("models", help="list the model names model.name accepts",
+                       formatter_class=fmt,
+                       description="Model names with parameter counts (1000-class head), native "
+                                   "input size and pretrained weights. FILTER: a substring or "
+                                   "glob; timm:... lists timm's models.")
+    m.add_argument("--pretrained", action="store_true", help="only models with pretrained weights")
+    m.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    m.add_argument("filter", nargs="?", metavar="FILTER")
     return p
 
 
@@ -170,6 +178,24 @@ def cmd_runs(args) -> int:
 
     return runs_main(args.runs, sort=args.sort, as_json=args.json, as_csv=args.csv,
                      plot_path=args.plot)
+def cmd_models(args) -> int:
+    from distrain.model_catalog import catalog, format_table, row
+
+    specs = catalog(args.filter, pretrained_only=args.pretrained)
+    if not specs:
+        import difflib
+
+        from distrain.model_specs import model_names
+
+        close = difflib.get_close_matches(args.filter or "", model_names(), n=3, cutoff=0.6)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise UserError(f"no model matches '{args.filter}'{hint} "
+                        f"(`distrain models` lists them all)")
+    if args.json:
+        print(json.dumps({"models": [row(s) for s in specs]}))
+    else:
+        print(format_table(specs), file=sys.stderr)
+    return 0
 
 
 def _rank_prefix() -> str:
@@ -221,7 +247,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     handlers = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "bench": cmd_bench,
-                "runs": cmd_runs}
+                "runs": cmd_runs, "models": cmd_models}
     try:
         code = handlers[args.command](args)
     except UserError as e:

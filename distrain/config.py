@@ -46,10 +46,17 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: Literal["cifar10_quick", "vgg16", "vgg16_bn"] = "cifar10_quick"
+    # cifar10_quick, any torchvision classification model, or timm:NAME; checked by distrain.model_specs.
+    name: str = "cifar10_quick"
     num_classes: int = field(default=10, metadata=_range(lo=2))
     pretrained: bool = False
+    # Which pretrained weights (torchvision enum member, e.g. IMAGENET1K_V2; timm tag); null = the default.
+    weights: Optional[str] = None
     weights_path: Optional[str] = None
+    # ResNet-family stem for 32x32 images: 3x3 stride-1 first conv, no max-pool.
+    cifar_stem: bool = False
+    # BatchNorm statistics over all processes (SyncBatchNorm) when there is more than one.
+    sync_bn: bool = False
     freeze_features: bool = False
     # Unfreeze the backbone after this many epochs (only with freeze_features).
     unfreeze_after_epochs: Optional[int] = field(default=None, metadata=_range(lo=0))
@@ -503,13 +510,9 @@ def validate(cfg: Config) -> None:
     if cfg.model.weights_path is not None and cfg.model.pretrained:
         raise UserError("config keys 'model.pretrained' and 'model.weights_path' exclude each "
                         "other; set one")
-    if cfg.model.name == "cifar10_quick":
-        if cfg.model.pretrained or cfg.model.weights_path:
-            raise UserError("config key 'model.pretrained'/'model.weights_path': cifar10_quick has "
-                            "no pretrained weights")
-        if cfg.model.input_size != 32:
-            raise UserError("config key 'model.input_size' must be 32 for cifar10_quick (its "
-                            "1024-wide layer fixes it)")
+    from distrain.models import check_model_config
+
+    check_model_config(cfg.model)  # model-specific rules live with the model specs
     if cfg.model.unfreeze_after_epochs is not None and not cfg.model.freeze_features:
         raise UserError("config key 'model.unfreeze_after_epochs' needs model.freeze_features=true")
     if cfg.resume not in ("auto", "none") and not cfg.resume.strip():

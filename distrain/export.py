@@ -53,18 +53,28 @@ class IncompleteExport(UserError):
 
 
 def model_info(cfg, classes: list[str], mean, std) -> dict:
-    size = cfg.model.input_size
+    from distrain.model_specs import preprocessing, spec_for
+    from distrain.models import builder_kwargs
+
+    m = cfg.model
+    size = m.input_size
+    _, _, resize, _ = preprocessing(m, cfg.data.name)
     return {
         "format": FORMAT,
-        "architecture": cfg.model.name,
-        "num_classes": cfg.model.num_classes,
+        "architecture": m.name,
+        "num_classes": m.num_classes,
         "classes": list(classes),
         "input_size": [3, size, size],
         # Photos for predict: resize the shorter side to `resize`, centre-crop `input_size`.
-        "resize": size if cfg.data.name != "imagefolder" else eval_resize(size),
+        "resize": resize,
         "mean": list(mean),
         "std": list(std),
         "dataset": cfg.data.name,
+        # How to rebuild it: torchvision.models.get_model(architecture, num_classes=...,
+        # **builder_kwargs) takes model.safetensors strictly, unless cifar_stem (then
+        # distrain.models.build_model(architecture, ..., cifar_stem=True) does).
+        "cifar_stem": bool(m.cifar_stem),
+        "builder_kwargs": builder_kwargs(spec_for(m.name), size),
         "distrain_version": __version__,
     }
 
@@ -164,7 +174,9 @@ def build_from_state(info: dict, sd: dict, source: Path) -> nn.Module:
             raise UserError(f"'{source}' holds non-finite weights (the run diverged?): '{name}' "
                             f"has NaN or infinite values; pick an earlier checkpoint")
     arch, n = info["architecture"], info["num_classes"]
-    model = build_model(arch, num_classes=n)
+    size = info.get("input_size") or [3, None, None]
+    model = build_model(arch, num_classes=n, cifar_stem=bool(info.get("cifar_stem", False)),
+                        input_size=size[-1])
     try:
         model.load_state_dict(sd, strict=True)
     except RuntimeError as e:

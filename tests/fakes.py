@@ -187,3 +187,66 @@ def write_image_folder(
                 img.save(d / f"{cls}_{j:03d}.{ext}", format="JPEG" if ext.lower() in ("jpg", "jpeg") else "PNG")
                 counter += 1
     return root
+
+
+# -- any torchvision / timm model's weights ------------------------------------------------------
+
+def random_state_dict(model: torch.nn.Module, seed: int = 0) -> dict:
+    """Random tensors with exactly ``model``'s state_dict keys, shapes and dtypes (model may be meta).
+
+    Weights ~ N(0, 0.05); BatchNorm running variances positive; integer buffers (batch counts) 0.
+    """
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for k, v in model.state_dict().items():
+        if not v.dtype.is_floating_point:
+            out[k] = torch.zeros(v.shape, dtype=v.dtype)
+        elif k.endswith("running_var"):
+            out[k] = torch.rand(v.shape, generator=g) + 0.5
+        else:
+            out[k] = torch.randn(v.shape, generator=g) * 0.05
+    return out
+
+
+def write_model_weights(path: PathLike, name: str, seed: int = 0) -> Path:
+    """A stand-in for a pretrained file of torchvision model ``name`` (or ``timm:NAME``): its
+    torchvision (timm) default build with the 1000-class head, random values, saved with torch.save
+    (a ``.safetensors`` path: safetensors). Built on the meta device: only the file costs memory."""
+    from distrain.model_specs import TIMM_PREFIX, on_meta
+
+    if name.startswith(TIMM_PREFIX):
+        import timm
+
+        model = on_meta(lambda: timm.create_model(name[len(TIMM_PREFIX):], pretrained=False))
+    else:
+        model = on_meta(lambda: torchvision.models.get_model(name, weights=None))
+    sd = random_state_dict(model, seed)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(sd, str(path))
+    else:
+        torch.save(sd, path)
+    return path
+
+
+def hub_weights_path(torch_home: PathLike, name: str, weights: str = "DEFAULT") -> Path:
+    """Where torchvision's hub cache under ``torch_home`` keeps the file of ``name``'s weights."""
+    w = torchvision.models.get_model_weights(name)[weights]
+    return Path(torch_home) / "hub" / "checkpoints" / os.path.basename(w.url)
+
+
+def write_hf_cache_file(cache: PathLike, repo: str, filename: str, src: PathLike) -> Path:
+    """Lay ``src`` out as the Hugging Face hub cache keeps a download (refs/main -> snapshot)."""
+    import shutil
+
+    base = Path(cache) / ("models--" + repo.replace("/", "--"))
+    commit = "0" * 40
+    (base / "refs").mkdir(parents=True, exist_ok=True)
+    (base / "refs" / "main").write_text(commit)
+    dst = base / "snapshots" / commit / filename
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, dst)
+    return dst

@@ -69,7 +69,8 @@ def in_process(capsys, *argv: str) -> str:
     ("train.lr=-0.1", ["'train.lr'", "> 0", "-0.1"]),
     ("train.batch_size=0", ["'train.batch_size'", ">= 1", "0"]),
     ("train.epochs=many", ["'train.epochs'", "an integer", "many"]),
-    ("model.name=resnet50", ["'model.name'", "'cifar10_quick'", "'vgg16'", "resnet50"]),
+    # resnet50 is a model now (any torchvision classifier): an unknown name gets the nearest ones.
+    ("model.name=resnet19", ["'model.name'", "unknown model 'resnet19'", "did you mean", "resnet18"]),
     ("train.mixed_precision=fp8", ["'train.mixed_precision'", "'bf16'", "fp8"]),
     ("data.name=mnist", ["'data.name'", "'cifar10'", "mnist"]),
     ("train=3", ["'train' is a section"]),

@@ -142,9 +142,10 @@ def load_image_rgb(path: str) -> Image.Image:
     return load_rgb(path)
 
 
-def eval_transform(img: Image.Image, size: int) -> Image.Image:
-    """Shorter side to round(size*1.14), then the centre ``size`` square (Resize + CenterCrop)."""
-    return center_crop(img, eval_resize(size), size)
+def eval_transform(img: Image.Image, size: int, resize: Optional[int] = None) -> Image.Image:
+    """Shorter side to ``resize`` (default round(size*1.14)), then the centre ``size`` square
+    (Resize + CenterCrop)."""
+    return center_crop(img, resize or eval_resize(size), size)
 
 
 def random_resized_crop_box(
@@ -189,7 +190,8 @@ def _maybe_flip(img: Image.Image, g: torch.Generator) -> Image.Image:
     return img
 
 
-def load_item(path: str, size: int, g: Optional[torch.Generator]) -> torch.Tensor:
+def load_item(path: str, size: int, g: Optional[torch.Generator],
+              resize: Optional[int] = None) -> torch.Tensor:
     """One file as a uint8 (3, size, size) tensor: `train_transform` drawn from ``g``, or else
     `eval_transform`.
 
@@ -198,7 +200,7 @@ def load_item(path: str, size: int, g: Optional[torch.Generator]) -> torch.Tenso
     """
     with open_image(path) as src:
         if g is None:
-            return to_uint8_chw(src.eval_crop(eval_resize(size), size))
+            return to_uint8_chw(src.eval_crop(resize or eval_resize(size), size))
         top, left, h, w = random_resized_crop_box(*src.size, g)
         img = src.resized_region((left, top, left + w, top + h), (size, size))
     return to_uint8_chw(_maybe_flip(img, g))
@@ -214,7 +216,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, paths: Sequence[str], labels: Union[np.ndarray, Sequence[int]], size: int,
-                 train: bool, augment: bool, seed: int):
+                 train: bool, augment: bool, seed: int, resize: Optional[int] = None):
         if len(paths) != len(labels):
             raise ValueError(f"{len(paths)} paths but {len(labels)} labels")
         if int(size) < 1:
@@ -222,6 +224,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         self.paths = list(paths)
         self.labels = np.asarray(labels, dtype=np.int64)
         self.size = int(size)
+        self.resize = resize  # the eval transform's shorter side (the model's weights decide it)
         self.train = bool(train)
         self.augment = bool(augment) and self.train
         self.seed = int(seed)
@@ -244,4 +247,4 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         else:
             epoch, i = self.epoch, int(index)
         g = self.item_generator(epoch, i) if self.augment else None
-        return load_item(self.paths[i], self.size, g), int(self.labels[i]), i
+        return load_item(self.paths[i], self.size, g, self.resize), int(self.labels[i]), i

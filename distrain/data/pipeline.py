@@ -28,9 +28,9 @@ from distrain.data.augment import CropFlipParams, Normalizer, PaddedStore, crop_
 from distrain.data.cache import load_cifar10_cached
 from distrain.data.sampling import EpochPlan, IndexBatchSampler, PlanBatchSampler, eval_shard
 from distrain.errors import UserError
+# IMAGENET_MEAN / IMAGENET_STD are re-exported for their old importers.
+from distrain.model_specs import IMAGENET_MEAN, IMAGENET_STD, preprocessing  # noqa: F401
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass
@@ -77,16 +77,17 @@ def prepare_data(data: DataConfig) -> None:
 
 
 def normalization(cfg: Config) -> tuple[tuple, tuple]:
-    """ImageNet statistics for pretrained backbones and photos, CIFAR-10's otherwise."""
-    if cfg.model.pretrained or cfg.model.weights_path or cfg.data.name == "imagefolder":
-        return IMAGENET_MEAN, IMAGENET_STD
-    return cifar10.MEAN, cifar10.STD
+    """The model's normalisation on this dataset (model_specs.preprocessing: the weights' own,
+    or ImageNet statistics for photos, CIFAR-10's otherwise)."""
+    mean, std, _, _ = preprocessing(cfg.model, cfg.data.name)
+    return mean, std
 
 
 def load_split(data: DataConfig, train: bool, seed: int, num_classes: int,
-               input_size: int = 32) -> Split:
+               input_size: int = 32, resize: Optional[int] = None) -> Split:
     """The training or test split of ``data``; ``seed`` draws synthetic data and image-folder
-    augmentation, ``input_size`` is the decoded size of image-folder images."""
+    augmentation, ``input_size`` is the decoded size of image-folder images and ``resize`` their
+    evaluation resize (the model's weights' own; None: the default ratio)."""
     limit = data.max_train_samples if train else data.max_test_samples
     if data.name == "cifar10":
         # Decoded once and cached next to the data (invalidated when the files change): cache.py.
@@ -96,7 +97,7 @@ def load_split(data: DataConfig, train: bool, seed: int, num_classes: int,
         images, labels, classes = synthetic.make_synthetic(
             train=train, seed=seed, num_classes=num_classes, max_samples=limit)
     elif data.name == "imagefolder":
-        return _image_folder(data, train, seed, input_size, limit)
+        return _image_folder(data, train, seed, input_size, limit, resize)
     else:  # validated by config; kept for clarity
         raise UserError(f"config key 'data.name': unknown dataset '{data.name}'")
     top = int(np.max(labels, initial=0))
@@ -108,7 +109,7 @@ def load_split(data: DataConfig, train: bool, seed: int, num_classes: int,
 
 
 def _image_folder(data: DataConfig, train: bool, seed: int, input_size: int,
-                  limit: Optional[int]) -> Split:
+                  limit: Optional[int], resize: Optional[int]) -> Split:
     from distrain.data import imagefolder
 
     split = "train" if train else "val"
@@ -116,7 +117,7 @@ def _image_folder(data: DataConfig, train: bool, seed: int, input_size: int,
     if limit is not None:
         paths, labels = paths[:limit], labels[:limit]
     ds = imagefolder.ImageFolderDataset(paths, labels, size=input_size, train=train,
-                                        augment=data.augment and train, seed=seed)
+                                        augment=data.augment and train, seed=seed, resize=resize)
     return Split(torch.as_tensor(np.asarray(labels), dtype=torch.int64), list(classes), dataset=ds,
                  source=os.path.join(data.root, split))
 
