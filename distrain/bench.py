@@ -150,7 +150,7 @@ def build_trainer(cfg: Config):
     """A Trainer built exactly as `distrain train` builds it, whose outputs go nowhere."""
     from pathlib import Path
 
-    from distrain.build import build
+    from distrain.build import build, check_toolchain
     from distrain.data import cache
     from distrain.distributed import Strategy, resolve_runtime
     from distrain.metrics import MetricsLogger
@@ -160,6 +160,7 @@ def build_trainer(cfg: Config):
     from distrain.trainer import Trainer
 
     strategy = Strategy(resolve_runtime(cfg.train.device, cfg.train.mixed_precision), dist_options(cfg))
+    check_toolchain(cfg, strategy)
     with cache.read_only():
         parts = build(cfg, strategy)
     metrics = MetricsLogger(Path(cfg.output_dir), enabled=False, tensorboard=False)

@@ -51,10 +51,7 @@ class Components:
 
 
 def build(cfg: Config, strategy) -> Components:
-    """Everything a training step needs, on every rank."""
-    if cfg.model.compile:  # before the data work: torch.compile would fail only at the first step
-        strategy.agree("find a compiler for torch.compile",
-                       lambda: check_compile_toolchain(strategy.device.type))
+    """Everything a training step needs, on every rank (`check_toolchain` first)."""
     if strategy.device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input shapes: cuDNN picks its kernels once
     train_split, test_split = load_data(cfg, strategy)
@@ -75,6 +72,14 @@ def build(cfg: Config, strategy) -> Components:
     train_data, test_data = pipelines(cfg, strategy, train_split, test_split)
     return Components(cfg, train_split, test_split, model, optimizer, scheduler, train_data,
                       test_data, steps, total, normalization(cfg))
+
+
+def check_toolchain(cfg: Config, strategy) -> None:
+    """What must be installed, before any data or output work: torch.compile would otherwise fail
+    only at the first step."""
+    if cfg.model.compile:
+        strategy.agree("find a compiler for torch.compile",
+                       lambda: check_compile_toolchain(strategy.device.type))
 
 
 def load_data(cfg: Config, strategy) -> tuple[Split, Split]:

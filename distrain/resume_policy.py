@@ -12,7 +12,8 @@ ignored silently: the recorded config is the one that ran. The rules, key by key
   data.num_workers, model.channels_last, model.compile, train.epochs, train.max_steps,
   train.warmup_steps, train.step_epochs, train.step_gamma, train.label_smoothing, train.grad_clip,
   train.mixed_precision, train.device, train.eval_every_epochs, train.sanity_eval_batches,
-  train.allow_batch_change, train.ddp_comm_hook, checkpoint.*, log.*. Honoured from the resume step
+  train.peer_timeout_s, train.collective_timeout_s, train.allow_batch_change, train.ddp_comm_hook,
+  checkpoint.*, log.*. Honoured from the resume step
   (a new length or warm-up reshapes the rest of the schedule).
 - batch: train.batch_size, train.grad_accum_steps. Honoured while the global batch (batch_size x
   processes x grad_accum_steps) stays; another one needs train.allow_batch_change=true, a rule the

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from distrain import resume, rundir, trace
-from distrain.build import build
+from distrain.build import build, check_toolchain
 from distrain.checkpoint import CheckpointStore
 from distrain.config import Config, dump_config
 from distrain.distributed import DistOptions, Strategy, resolve_runtime, unwrap
@@ -37,6 +37,7 @@ def run_training(cfg: Config, signals=None) -> int:
     run = None
     watchdog = strategy.watch_peers(cfg.train.peer_timeout_s, signals, progress.write)
     try:
+        check_toolchain(cfg, strategy)
         lock = strategy.agree("claim the run directory", lambda: rundir.claim(cfg, progress.write),
                               main_only=True)
         for note in strategy.notes():

@@ -629,7 +629,7 @@ def test_other_architecture_or_classes_fail_before_any_tensor_is_read(tmp_path, 
         raise AssertionError("a tensor file was read")
 
     monkeypatch.setattr(ckpt, "read_tensors", no)
-    monkeypatch.setattr(ckpt, "_parse_tensors", no)
+    monkeypatch.setattr(ckpt, "parse_tensors", no)
     monkeypatch.setattr(ckpt, "verify", no)
     run = copy_run(trained, tmp_path / "run")
     user_error(args(run, **{"model.num_classes": 5}), str(run / "checkpoints"), "10 classes", "5", "resume=none")
