@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from distrain.errors import UserError
 from distrain.model_specs import (
     CIFAR_QUICK,
     ModelSpec,
@@ -146,7 +147,7 @@ def convert_sync_batchnorm(model: nn.Module, world_size: int, device_type: str =
     if device_type != "cpu":
         return nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if reduce_sum is None:
-        from distrain.errors import UserError
+
 
         raise UserError("config key 'model.sync_bn': several CPU processes need an all-reduce for "
                         "their BatchNorm statistics, and none was given")

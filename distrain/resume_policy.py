@@ -21,12 +21,12 @@ ignored silently: the recorded config is the one that ran. The rules, key by key
 - epoch boundary: train.seed, data.name, data.max_train_samples, data.augment. Honoured at an epoch
   boundary; refused mid-epoch, where the rest of the epoch would use some images twice and others
   never (or with other augmentation).
-- initial weights: model.pretrained, model.weights_path. Announced as having no effect: a resumed
+- initial weights: model.pretrained, model.weights, model.weights_path. Announced as having no effect: a resumed
   run's weights come from the checkpoint.
 - structure: model.unfreeze_after_epochs. Another epoch is honoured; setting or unsetting it is
   refused (it changes the optimizer's parameter groups).
-- refuse: model.name, model.num_classes, model.input_size, model.freeze_features, train.optimizer,
-  train.scheduler. Refused: the checkpoint's model or optimizer state does not fit, or its schedule
+- refuse: model.name, model.num_classes, model.input_size, model.cifar_stem, model.sync_bn,
+  model.freeze_features, train.optimizer, train.scheduler. Refused: the checkpoint's model or optimizer state does not fit, or its schedule
   cannot continue.
 - not compared: resume. It says where this run starts, not how it trains.
 
@@ -52,10 +52,10 @@ _RULES: dict[str, tuple[str, ...]] = {
                 "model.backbone_lr_mult"),
     BATCH: ("train.batch_size", "train.grad_accum_steps"),
     EPOCH_BOUNDARY: ("train.seed", "data.name", "data.max_train_samples", "data.augment"),
-    INITIAL_WEIGHTS: ("model.pretrained", "model.weights_path"),
+    INITIAL_WEIGHTS: ("model.pretrained", "model.weights", "model.weights_path"),
     STRUCTURE: ("model.unfreeze_after_epochs",),
-    REFUSE: ("model.name", "model.num_classes", "model.input_size", "model.freeze_features",
-             "train.optimizer", "train.scheduler"),
+    REFUSE: ("model.name", "model.num_classes", "model.input_size", "model.cifar_stem",
+             "model.sync_bn", "model.freeze_features", "train.optimizer", "train.scheduler"),
     NOT_COMPARED: ("resume",),
 }
 # The optimizer hyper-parameter each OPTIMIZER key feeds (backbone_lr_mult scales the backbone lr).
