@@ -126,15 +126,21 @@ def test_unwritable_outputs_are_found_before_training(tmp_path, culprit):
     assert not list(out.glob("checkpoints/ckpt-*"))  # not a single epoch was trained first
 
 
+def _folder_args(out: Path, root: Path) -> list[str]:
+    """A 2-class image-folder run whose files are read only as training meets them."""
+    return ["train", *smoke_args(out, **{"data.name": "imagefolder", "data.root": root,
+                                         "model.num_classes": 2, "data.verify": "false",
+                                         "data.max_train_samples": "null",
+                                         "data.max_test_samples": "null", "train.batch_size": 4,
+                                         "data.num_workers": 0})]
+
+
 def test_a_bad_image_met_mid_training_fails_every_rank_alike(tmp_path):
     root = write_image_folder(tmp_path / "photos", classes=("a", "b"), per_class_train=12, per_class_val=2)
     bad = sorted((root / "train" / "b").iterdir())[-1]
     bad.write_bytes(b"not an image at all")
     out = tmp_path / "run"
-    args = ["train", *smoke_args(out, **{"data.name": "imagefolder", "data.root": root,
-                                         "model.num_classes": 2, "data.verify": "false",
-                                         "data.max_train_samples": "null", "data.max_test_samples": "null",
-                                         "train.batch_size": 4, "data.num_workers": 0})]
+    args = _folder_args(out, root)
     proc = run_distrain(args, nprocs=2)
     assert_user_error_on_every_rank(proc, "train", str(bad))
     lines = [line for line in proc.stderr.splitlines() if line.startswith("[rank ")]
@@ -146,10 +152,7 @@ def test_a_broken_test_split_fails_before_the_first_step(tmp_path):
     for f in (root / "val" / "a").iterdir():
         f.write_bytes(b"broken")
     out = tmp_path / "run"
-    args = ["train", *smoke_args(out, **{"data.name": "imagefolder", "data.root": root,
-                                         "model.num_classes": 2, "data.verify": "false",
-                                         "data.max_train_samples": "null", "data.max_test_samples": "null",
-                                         "train.batch_size": 4, "data.num_workers": 0})]
+    args = _folder_args(out, root)
     proc = run_distrain(args)
     _one_line_error(proc, str(root / "val" / "a"))
     assert not metrics_events(out, "train") and not list((out / "checkpoints").glob("ckpt-*"))
