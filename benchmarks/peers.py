@@ -10,6 +10,9 @@ Contestants, each a separate process tree started fresh for every run:
   distrain).
 - ``lightning``: a LightningModule and ``Trainer(accelerator="cpu", devices=N, strategy="ddp")``
   (its own launcher), logger, checkpointing, progress bar and model summary off.
+- ``bench``: ``distrain bench --json`` on the same config (not a peer: the check that bench times
+  what train runs; its one rate sits in the epoch columns, to be read against distrain's steady
+  epochs).
 - ``seed``: the seed tutorial's loop (torchvision dataset + DataLoader, ``zero_grad / forward / loss
   / backward / step``); one process only, as the tutorial is.
 
@@ -59,7 +62,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-CONTESTANTS = ("distrain", "accelerate", "lightning", "seed")
+CONTESTANTS = ("distrain", "bench", "accelerate", "lightning", "seed")
+BENCH_STEPS, BENCH_WARMUP = 150, 10  # `distrain bench`'s timed window on the same recipe
 LR, MOMENTUM, WEIGHT_DECAY = 0.01, 0.9, 5e-4
 
 
@@ -271,7 +275,7 @@ def _launch(nprocs: int, port: int, target: list[str]) -> list[str]:
 
 
 def command(name: str, nprocs: int, a, root: Path, work: Path, port: int) -> list[str]:
-    if name == "distrain":
+    if name in ("distrain", "bench"):
         over = {"output_dir": work / "run", "data.name": "cifar10", "data.root": root,
                 "data.verify": "false", "data.download": "false", "train.epochs": a.epochs,
                 "train.batch_size": a.batch_size,
@@ -282,6 +286,12 @@ def command(name: str, nprocs: int, a, root: Path, work: Path, port: int) -> lis
         elif a.max_steps is not None:  # no per-epoch step limit in distrain: fewer images
             over["data.max_train_samples"] = a.max_steps * a.batch_size * nprocs
         args = [f"{k}={v}" for k, v in over.items()]
+        if name == "bench":  # the same config, timed by `distrain bench`
+            steps = [str(min(BENCH_STEPS, a.max_steps or BENCH_STEPS)), str(BENCH_WARMUP)]
+            if a.max_steps is not None:
+                steps[1] = "1"
+            return _launch(nprocs, port, ["-m", "distrain", "bench", "--json", "--steps", steps[0],
+                                          "--warmup", steps[1], *args])
         return _launch(nprocs, port, ["-m", "distrain", "train", *args])
     peer = [str(Path(__file__).resolve()), "--peer", name, "--root", str(root),
             "--out", str(work / "result.json"), "--epochs", str(a.epochs),
@@ -303,9 +313,10 @@ def environment(name: str, nprocs: int, malloc: str, threads: int) -> dict:
     env.update({"PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                 "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
                 "PYTHONUNBUFFERED": "1"})
-    if malloc == "off" and name == "distrain":
+    ours = name in ("distrain", "bench")
+    if malloc == "off" and ours:
         env[OPT_OUT_VAR] = "0"
-    elif malloc == "on" and name != "distrain":
+    elif malloc == "on" and not ours:
         env.update(ENV_EQUIVALENT)
     return env
 
@@ -363,9 +374,10 @@ def run_one(name: str, nprocs: int, malloc: str, a, root: Path, cores: int) -> d
         load = os.getloadavg()[0]
         t0 = time.perf_counter()
         log = open(work / "output.txt", "w")
+        out = open(work / "stdout.txt", "w") if name == "bench" else log  # bench's JSON alone
         env = environment(name, nprocs, malloc, a.threads or max(1, cores // nprocs))
         # Its own process group: an interrupted benchmark takes the whole tree down with it.
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=log, cwd=work,
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=log, cwd=work,
                                 start_new_session=True)
         mem = TreeMemory(proc.pid)
         mem.start()
@@ -376,6 +388,7 @@ def run_one(name: str, nprocs: int, malloc: str, a, root: Path, cores: int) -> d
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)  # leftovers (DataLoader workers) of a run
             log.close()
+            out.close()
         wall = time.perf_counter() - t0
         mem.join()
         rec = {"contestant": name, "procs": nprocs, "malloc": malloc, "load_1min": round(load, 2),
@@ -387,6 +400,11 @@ def run_one(name: str, nprocs: int, malloc: str, a, root: Path, cores: int) -> d
         if rec["exit"] != 0:
             tail = (work / "output.txt").read_text()[-3000:]
             raise RuntimeError(f"{name} ({nprocs} processes) exited {rec['exit']}:\n{tail}")
+        if name == "bench":
+            bench = json.loads((work / "stdout.txt").read_text())
+            rec["epoch_img_per_s"] = [round(bench["train_img_per_s"], 1)]
+            rec["timed"] = bench["timed"]
+            return rec
         epochs = distrain_epochs(work / "run" / "metrics.jsonl") if name == "distrain" else \
             json.loads((work / "result.json").read_text())["epochs"]
         rec["epoch_img_per_s"] = [round(e["images"] / e["seconds"], 1) for e in epochs]
@@ -455,9 +473,13 @@ def summarise(runs: list[dict], a) -> list[dict]:
     for row in rows:  # distrain / each peer, same processes and malloc column, per epoch
         ours = next((o for o in rows if (o["contestant"], o["procs"], o["malloc"]) ==
                      ("distrain", row["procs"], row["malloc"])), None)
-        if ours is not None and row is not ours:
-            row["distrain_over_this"] = [round(o / t, 3) for o, t in zip(ours["epoch_img_per_s"],
-                                                                       row["epoch_img_per_s"])]
+        if ours is None or row is ours:
+            continue
+        theirs = row["epoch_img_per_s"]
+        if row["contestant"] == "bench":  # one rate, read against each of train's epochs
+            theirs = theirs * len(ours["epoch_img_per_s"])
+        row["distrain_over_this"] = [round(o / t, 3)
+                                     for o, t in zip(ours["epoch_img_per_s"], theirs)]
     return rows
 
 
@@ -482,7 +504,8 @@ def format_table(result: dict) -> str:
                    f"{r['wall_s']:>8.1f}{r['sum_peak_rss_mib']:>9,.0f}"
                    f"{r['peak_pss_mib']:>9,.0f}")
     out += ["", "distrain/this: distrain's img/s / this contestant's, per epoch (same processes,",
-            "  same malloc column); RSS: sum of the tree's per-process peak RSS;",
+            "  same malloc column; for bench: train's epoch / bench's one rate, within 0.95..1.05",
+            "  wanted for the steady epochs); RSS: sum of the tree's per-process peak RSS;",
             "  PSS: peak of the tree's summed PSS"]
     return "\n".join(out)
 

@@ -25,11 +25,17 @@ def test_peers_benchmark_runs_every_contestant(tmp_path) -> None:
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(out.read_text())
     rows = {r["contestant"]: r for r in result["rows"]}
-    assert set(rows) == {"distrain", "accelerate", "lightning", "seed"}
+    assert set(rows) == {"distrain", "bench", "accelerate", "lightning", "seed"}
+    assert len(rows["bench"]["epoch_img_per_s"]) == 1 and rows["bench"]["epoch_img_per_s"][0] > 0
+    (bench_run,) = [r for r in result["runs"] if r["contestant"] == "bench"]
+    assert bench_run["timed"].startswith("optimizer steps"), bench_run  # says what it timed
     for name, row in rows.items():
+        if name == "bench":
+            continue
         assert len(row["epoch_img_per_s"]) == 2 and min(row["epoch_img_per_s"]) > 0, name
         assert row["sum_peak_rss_mib"] > 0 and row["user_s"] > 0, name
-    assert all(len(rows[n]["distrain_over_this"]) == 2 for n in ("accelerate", "lightning", "seed"))
+    assert all(len(rows[n]["distrain_over_this"]) == 2
+               for n in ("bench", "accelerate", "lightning", "seed"))
     assert all(run["exit"] == 0 for run in result["runs"])
     for name in rows:
         assert name in proc.stdout
