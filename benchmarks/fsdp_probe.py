@@ -38,6 +38,7 @@ import torch.nn.functional as F  # noqa: E402
 
 STEPS = 3
 BATCH = 16  # global
+DEVICE = torch.device("cpu")  # the process's device (cuda:N under a GPU launch), set by probe_torch
 
 
 def _try(report: dict, name: str, fn):
@@ -73,12 +74,13 @@ def _model():
     from distrain.models import build_model
 
     torch.manual_seed(0)
-    return build_model("cifar10_quick", num_classes=10)
+    return build_model("cifar10_quick", num_classes=10).to(DEVICE)
 
 
 def _data(step: int):
     g = torch.Generator().manual_seed(100 + step)
-    return torch.randn(BATCH, 3, 32, 32, generator=g), torch.randint(0, 10, (BATCH,), generator=g)
+    x, y = torch.randn(BATCH, 3, 32, 32, generator=g), torch.randint(0, 10, (BATCH,), generator=g)
+    return x.to(DEVICE), y.to(DEVICE)
 
 
 def _shard(model, mp=None):
@@ -103,6 +105,10 @@ def _step(model, opt, step: int, rank: int, world: int, sharded: bool) -> float:
     opt.step()
     opt.zero_grad(set_to_none=True)
     return float(loss.detach())
+
+
+def _diff(a: dict, b: dict) -> float:
+    return max((a[k].float().cpu() - b[k].float().cpu()).abs().max().item() for k in a)
 
 
 def _full_sd(model) -> dict:
@@ -166,8 +172,9 @@ def _sgd(model):
 def probe_torch(tmp: Path) -> dict:
     from accelerate import Accelerator
 
+    global DEVICE
     acc = Accelerator(cpu=not torch.cuda.is_available())
-    rank, world = acc.process_index, acc.num_processes
+    rank, world, DEVICE = acc.process_index, acc.num_processes, acc.device
     rep: dict = {"mode": "torch", "rank": rank, "world": world, "distributed_type": str(acc.distributed_type),
                  "backend": acc.state.backend, "torch": torch.__version__}
     ref = _model()
@@ -183,7 +190,9 @@ def probe_torch(tmp: Path) -> dict:
         full = _full_sd(sharded)
         out = {"full_sd_keys_on_this_rank": len(full)}
         if full:
-            out["max_abs_diff_vs_unsharded"] = max((full[k] - v).abs().max().item() for k, v in ref.state_dict().items())
+            out["max_abs_diff_vs_unsharded"] = _diff(full, ref.state_dict())
+            if out["max_abs_diff_vs_unsharded"] > 1e-5:
+                raise AssertionError(f"sharded training differs from unsharded: {out}")
         return out
 
     if not _try(rep, "train_steps_vs_unsharded", train):
@@ -262,8 +271,10 @@ def _save_reload(sharded, opt, ref, ref_opt, rank: int, world: int, tmp: Path) -
     out = {"local_tensors": len(tensors), "bytes": sum(t.numel() * t.element_size() for t in tensors.values()),
            "example_meta": {k: v for k, v in list(meta.items()) if "momentum" in k or "weight" in k}}
     if a:
-        out["resumed_vs_original_max_abs_diff"] = max((a[k] - b[k]).abs().max().item() for k in a)
-        out["resumed_vs_unsharded_max_abs_diff"] = max((b[k] - v).abs().max().item() for k, v in ref.state_dict().items())
+        out["resumed_vs_original_max_abs_diff"] = _diff(a, b)
+        out["resumed_vs_unsharded_max_abs_diff"] = _diff(b, ref.state_dict())
+        if out["resumed_vs_original_max_abs_diff"] != 0.0:
+            raise AssertionError(f"the reloaded shards do not continue exactly: {out}")
     out["example_meta"] = dict(list(out["example_meta"].items())[:3])
     return out
 
@@ -292,6 +303,8 @@ def _freeze(rank: int, world: int) -> dict:
     if after:
         out["frozen_changed"] = [k for k in after if k.startswith(("model.0", "model.2", "model.4"))
                                  and not torch.equal(after[k], before[k])]
+        if out["frozen_changed"]:
+            raise AssertionError(f"frozen parameters changed: {out['frozen_changed']}")
         out["head_changed"] = any(not torch.equal(after[k], before[k]) for k in after if k.startswith("model.7"))
     for p in m.parameters():
         p.requires_grad_(True)
@@ -303,7 +316,7 @@ def _freeze(rank: int, world: int) -> dict:
     return out
 
 
-def main() -> int:
+def main() -> int:  # noqa: D103
     p = argparse.ArgumentParser()
     p.add_argument("mode", choices=["accelerate", "torch"])
     p.add_argument("--cpu", action="store_true", help="accelerate mode: Accelerator(cpu=True)")
