@@ -9,7 +9,7 @@
 # `pip install --no-deps --no-build-isolation -e .` and DeepSpeed (+ transformers) from the wheelhouse
 # in .gpu-wheels/ (GPU_CHECK_WHEELS overrides) when there is one: benchmarks/gpu_wheelhouse.sh builds it
 # on a machine with PyPI access. Records OUTDIR/gpu_check.json, OUTDIR/logs/, prints the table last.
-# GPU_CHECK_BUDGET_S caps the whole run (default 530 s; 600 s dry). What each step does and
+# GPU_CHECK_BUDGET_S caps the whole run (default 530 s; 900 s dry). What each step does and
 # how "agree" and the targets are defined: benchmarks/gpu_check.py, benchmarks/README.md.
 set -u
 cd "$(dirname "$0")/.."
