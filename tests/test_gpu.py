@@ -75,22 +75,24 @@ def _trainer(tmp_path, *over: str):
 def test_fp16_overflow_skips_the_step_and_the_schedule(tmp_path, fresh_accelerate) -> None:
     """A real overflow (loss scale 2^60): no weight change, no LR step, a smaller scale; then steps resume."""
     from distrain.bench import run_train_steps
+    from distrain.distributed import unwrap
 
     t = _trainer(tmp_path, "train.mixed_precision=fp16", "train.scheduler=cosine", "train.epochs=4")
-    scaler = t.accelerator.scaler
+    acc, sched = t.strategy.accelerator, t.parts.scheduler
+    scaler = acc.scaler
     assert scaler is not None and scaler.is_enabled()
-    before = {k: v.clone() for k, v in t.unwrapped().state_dict().items()}
+    before = {k: v.clone() for k, v in unwrap(t.model).state_dict().items()}
     scaler.update(2.0 ** 60)
     run_train_steps(t, 1)
-    assert t.accelerator.optimizer_step_was_skipped
-    assert t.scheduler.last_epoch == 0, "a skipped step must not advance the LR schedule"
+    assert acc.optimizer_step_was_skipped
+    assert sched.last_epoch == 0, "a skipped step must not advance the LR schedule"
     assert scaler.get_scale() < 2.0 ** 60
-    assert max_abs_diff(before, t.unwrapped().state_dict()) == 0.0
+    assert max_abs_diff(before, unwrap(t.model).state_dict()) == 0.0
     scaler.update(1024.0)
     run_train_steps(t, 2)
-    assert not t.accelerator.optimizer_step_was_skipped
-    assert t.scheduler.last_epoch == 2 and t.state.global_step == 3
-    assert max_abs_diff(before, t.unwrapped().state_dict()) > 0
+    assert not acc.optimizer_step_was_skipped
+    assert sched.last_epoch == 2 and t.state.global_step == 3
+    assert max_abs_diff(before, unwrap(t.model).state_dict()) > 0
 
 
 def test_channels_last_and_compile_match_the_plain_model(tmp_path) -> None:
@@ -207,3 +209,38 @@ def test_two_ranks_share_one_gpu_over_gloo(tmp_path) -> None:
     assert [e["samples"] for e in metrics_events(two, "eval")] == [67]
     assert max_abs_diff(strict_export(one), strict_export(two)) < 1e-4
     assert read_jsonl(two / "metrics.jsonl")[-1]["event"] == "end"
+
+
+def _fsdp_gpu(out, **over):
+    """One process under launch/fsdp.yaml on the GPU (FSDP2 with a world of one)."""
+    import subprocess
+    import sys
+
+    from conftest import REPO, free_port
+
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(REPO / "launch" / "fsdp.yaml"), "--num_processes", "1", "--main_process_port",
+           str(free_port()), "-m", "distrain", "train",
+           *smoke_args(out, **{"train.device": "cuda", "log.progress": "none", **over})]
+    p = subprocess.run(cmd, cwd=REPO, env=gpu_env(), capture_output=True, text=True, timeout=280)
+    assert p.returncode == 0, p.stderr[-4000:]
+    return p
+
+
+def test_fsdp_on_one_gpu_matches_plain_training_and_resumes_exactly(tmp_path) -> None:
+    common = {"train.mixed_precision": "no", "data.augment": "false", "train.scheduler": "none"}
+    plain, sharded = tmp_path / "plain", tmp_path / "fsdp"
+    train_gpu(plain, **common, **{"train.max_steps": 6})
+    _fsdp_gpu(sharded, **common, **{"train.max_steps": 3})
+    p = _fsdp_gpu(sharded, **common, **{"train.max_steps": 6})
+    assert "resumed from" in p.stderr
+    assert max_abs_diff(strict_export(plain), strict_export(sharded)) < 1e-4
+
+
+def test_fsdp_bf16_with_compile_on_one_gpu_trains_and_exports(tmp_path) -> None:
+    out = tmp_path / "run"
+    _fsdp_gpu(out, **{"train.mixed_precision": "bf16", "model.compile": "true", "train.epochs": 2})
+    events = metrics_events(out, "train")
+    assert len(events) == 2 and events[-1]["loss"] < events[0]["loss"] + 1.0
+    assert events[-1]["peak_mem_gib"] > 0
+    strict_export(out)
