@@ -93,17 +93,24 @@ def test_fsdp_refuses_what_it_cannot_do_with_exit_2(tmp_path) -> None:
     out = tmp_path / "run"
     base = {**COMMON, "train.batch_size": 4, "data.max_test_samples": 64, "train.max_steps": 2}
     fsdp(["train", *smoke_args(out, **base)])
-    cases = [
-        (fsdp(["train", *smoke_args(out, **{**base, "train.batch_size": 8, "train.max_steps": 4})], nprocs=1,
-              check=False),
-         "resume it with 2 processes"),
-        (run_distrain(["train", *smoke_args(out, **{**base, "train.max_steps": 4})], nprocs=2),
-         "written under FSDP"),
-        (fsdp(["train", *smoke_args(tmp_path / "cl", **base, **{"model.channels_last": "true"})], check=False),
-         "model.channels_last"),
-        (fsdp(["train", *smoke_args(tmp_path / "v1", **base)], check=False, launch=("--fsdp_version", "1")),
-         "fsdp_version"),
+    ckpt = _latest(out)
+    files = {f.name: f.read_bytes() for f in ckpt.iterdir()}
+    more = {**base, "train.max_steps": 4}
+    cases = [  # (the launcher's result, its number of workers, what the one-line error names)
+        (fsdp(["train", *smoke_args(out, **{**more, "train.batch_size": 8})], nprocs=1,
+              check=False), 1, "resume it with 2 processes"),
+        (run_distrain(["train", *smoke_args(out, **more)], nprocs=2), 2, "written under FSDP"),
+        (fsdp(["train", *smoke_args(tmp_path / "cl", **base, **{"model.channels_last": "true"})],
+              check=False), 2, "model.channels_last"),
+        (fsdp(["train", *smoke_args(tmp_path / "v1", **base)], check=False,
+              launch=("--fsdp_version", "1")), 2, "fsdp_version"),
     ]
-    for p, words in cases:
-        assert p.returncode != 0 and words in p.stderr, p.stderr[-3000:]
+    for p, workers, words in cases:
+        # `accelerate launch` exits 1 when its workers exit 2 (README); each worker exited 2.
+        assert p.returncode == 1 and words in p.stderr, (p.returncode, p.stderr[-3000:])
+        assert len(re.findall(r"^\s*exitcode\s*:\s*2\b", p.stderr, re.M)) == workers, p.stderr[-3000:]
+        errors = re.findall(r"^(?:\[rank \d\] )?distrain train: error: .*$", p.stderr, re.M)
+        assert len(errors) == workers and all(words in e for e in errors), p.stderr[-3000:]
         assert _no_traceback_of_ours(p.stderr), p.stderr[-3000:]
+    # The refused resumes left the checkpoint as it was.
+    assert _latest(out) == ckpt and {f.name: f.read_bytes() for f in ckpt.iterdir()} == files
