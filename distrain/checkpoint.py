@@ -65,6 +65,7 @@ def rank_payload(state: TrainState, optimizer_shard: Optional[dict]) -> tuple[di
     rng, tensors = rng_state()
     record = {"rng": rng, "progress": state.per_rank()}
     if optimizer_shard is not None:
+        # The backend's per-rank state: a ZeRO partition, or FSDP's model and optimizer shards.
         record["zero"] = fmt.encode(optimizer_shard, tensors, "zero")
     return record, tensors
 

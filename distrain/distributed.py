@@ -1,5 +1,5 @@
 """Distribution, owned in one place: the Accelerator, the precision that runs, every collective and
-every backend quirk (DDP, DeepSpeed ZeRO-2, a single process).
+every backend quirk (DDP, DeepSpeed ZeRO-2, FSDP2, a single process).
 
 Nothing else in distrain imports accelerate, torch.distributed or deepspeed: the loop, the checkpoint
 store and the commands call the verbs of `Strategy`, and the loop never asks which backend runs.
@@ -13,6 +13,12 @@ Invariants:
   synchronised (DDP's no_sync, DeepSpeed's accumulation boundary) and where autocast applies.
 - `model_state_dict` is the full, unwrapped fp32-or-native state dict on every backend; ZeRO's optimizer
   partitions are per-rank records (`optimizer_shard`), stored by the checkpoint code as tensors + JSON.
+- Under FSDP forward passes and `model_state_dict` are collectives: every rank calls
+  `model_state_dict` (the main process gets the whole model, the others {}), and evaluation batches
+  go through `lockstep`. `optimizer_shard` holds this rank's model and optimizer shards (DTensor local
+  tensors + their layout), which resume only at the same world size.
+- ``DISTRAIN_DIST_BACKEND=gloo`` (with Accelerate's ``ACCELERATE_TORCH_DEVICE=cuda:0``) puts several
+  ranks on one GPU, which NCCL refuses: for testing the collectives on a machine with one GPU.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import torch
 from distrain.errors import UserError
 
 ZERO_MARKER = {"deepspeed_zero": "per-rank"}  # what a checkpoint's optimizer record holds under ZeRO
+FSDP_MARKER = {"fsdp": "per-rank"}  # ... and under FSDP (the shards are in the rank files)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -121,6 +128,9 @@ class Strategy:
 
     def __init__(self, rt: Runtime, opts: Optional[DistOptions] = None):
         self.rt, self.opts = rt, opts or DistOptions()
+        # Read (and then hidden from Accelerate) before the Accelerator exists: see _fsdp_settings.
+        self.fsdp: Optional[FsdpSettings] = _fsdp_settings(rt) if fsdp_requested() else None
+        self._sharded: Optional[torch.nn.Module] = None  # the bare model, once fully_shard-ed
         self.accelerator = _make_accelerator(rt, self.opts)
         acc = self.accelerator
         self.rank, self.world = acc.process_index, acc.num_processes
@@ -194,10 +204,16 @@ class Strategy:
 
     # -- model and optimizer --------------------------------------------------------------------
     def prepare(self, model: torch.nn.Module, optimizer):
-        """Place and wrap the model (DDP / DeepSpeed) and the optimizer; returns both."""
+        """Place and wrap the model (DDP / DeepSpeed / FSDP) and the optimizer; returns both."""
         if self.is_deepspeed:
             self.agree("configure DeepSpeed", self._configure_deepspeed)
-        model, optimizer = self.accelerator.prepare(model, optimizer)
+        if self.fsdp is not None:  # sharded in place, never given to Accelerate (no DDP around it)
+            model = model.to(self.device)
+            self.agree("shard the model (FSDP)", lambda: _fully_shard(model, optimizer, self.fsdp))
+            self._sharded = unwrap(model)
+            optimizer = self.accelerator.prepare(optimizer)
+        else:
+            model, optimizer = self.accelerator.prepare(model, optimizer)
         # Accelerate's optimizer wrapper costs ~0.1 ms of Python per step; without a GradScaler or
         # DeepSpeed its step/zero_grad are exactly the wrapped optimizer's, so call that one.
         self._raw_opt = optimizer if self.is_deepspeed or optimizer.scaler is not None \
@@ -232,9 +248,9 @@ class Strategy:
 
     def notes(self) -> list[str]:
         """Warnings about settings this backend ignores (for the run log)."""
-        if self.is_deepspeed and self.opts.comm_hook != "none":
+        if (self.is_deepspeed or self.fsdp) and self.opts.comm_hook != "none":
             return [f"warning: train.ddp_comm_hook={self.opts.comm_hook} applies to DDP and is ignored "
-                    f"under DeepSpeed"]
+                    f"under {'DeepSpeed' if self.is_deepspeed else 'FSDP'}"]
         return []
 
     @contextlib.contextmanager
@@ -249,6 +265,9 @@ class Strategy:
             acc.sync_gradients = last
             with autocast(self.device.type, self.precision):
                 yield
+        elif self._sharded is not None:  # FSDP2's no_sync: keep unsharded gradients until the last
+            self._sharded.set_requires_gradient_sync(last)
+            yield
         elif last:
             yield
         else:
@@ -272,14 +291,35 @@ class Strategy:
         return not skipped
 
     def model_state_dict(self, model) -> dict:
-        """Full state_dict of the bare model, as the export and checkpoints store it."""
+        """Full state_dict of the bare model, as the export and checkpoints store it. Called on every
+        rank: under FSDP it is a gather, whose result only the main process gets ({} elsewhere)."""
+        if self._sharded is not None:
+            return _fsdp_full_state_dict(self._sharded)
         if self.is_deepspeed:
             return self.accelerator.get_state_dict(model, unwrap=True)
         return unwrap(model).state_dict()
 
+    def load_model_state(self, model, sd: dict) -> None:
+        """Load a full state_dict (every rank holds ``sd``) strictly into the bare model; RuntimeError
+        when it does not fit. Under FSDP it is only checked: the weights are in this rank's shards,
+        which `load_optimizer_state` loads."""
+        if self._sharded is not None:
+            _fsdp_check_full(self._sharded, sd)
+        else:
+            unwrap(model).load_state_dict(sd, strict=True)
+
+    def lockstep(self, batches):
+        """Evaluation batches, in step on every rank when forward passes are collectives (FSDP): a
+        rank that is done runs empty batches until all are; a UserError from its data is raised
+        after the last batch (so every rank runs the same collectives)."""
+        if self._sharded is None or self.world == 1:
+            return iter(batches)
+        return _lockstep(self, batches)
+
     def rewrap(self, model):
         """After parameters changed requires_grad (an unfreeze): DDP registered only the parameters
-        that required gradients when it was built, so build it again around the same module."""
+        that required gradients when it was built, so build it again around the same module. FSDP2
+        reduces every gradient that exists: nothing to rebuild."""
         if not isinstance(model, torch.nn.parallel.DistributedDataParallel):
             return model
         acc = self.accelerator
@@ -295,14 +335,19 @@ class Strategy:
 
     # -- optimizer state for checkpoints --------------------------------------------------------
     def optimizer_state(self, optimizer) -> dict:
-        """The optimizer's state_dict, or ZERO_MARKER when it is partitioned across ranks."""
+        """The optimizer's state_dict, or a marker when it is partitioned across ranks."""
+        if self.fsdp is not None:
+            return dict(FSDP_MARKER)
         return dict(ZERO_MARKER) if self.is_deepspeed else optimizer.state_dict()
 
     def optimizer_shard(self, optimizer) -> Optional[dict]:
         """This rank's ZeRO partition (torch optimizer state over the flat fp32 partition, the fp32
         master partition when the model is 16-bit, the loss scale); None without DeepSpeed.
 
-        ZeRO's own state_dict() holds Python objects a pickle-free checkpoint cannot store."""
+        ZeRO's own state_dict() holds Python objects a pickle-free checkpoint cannot store. Under
+        FSDP: this rank's shards of the model and of the optimizer state (see `_fsdp_shard`)."""
+        if self._sharded is not None:
+            return _fsdp_shard(self._sharded, optimizer.optimizer)
         if not self.is_deepspeed:
             return None
         zo = optimizer.optimizer  # Accelerate's DeepSpeedOptimizerWrapper -> DeepSpeedZeroOptimizer
@@ -315,7 +360,11 @@ class Strategy:
 
     @torch.no_grad()
     def load_optimizer_state(self, optimizer, state: dict, shard: Optional[dict]) -> None:
-        """After the model weights are loaded: the optimizer state (or this rank's ZeRO partition)."""
+        """After the model weights are loaded: the optimizer state (or this rank's ZeRO partition, or
+        this rank's FSDP model and optimizer shards)."""
+        if self._sharded is not None:
+            _fsdp_load_shard(self._sharded, optimizer.optimizer, shard)
+            return
         if not self.is_deepspeed:
             optimizer.load_state_dict(state)
             return
@@ -394,6 +443,11 @@ def _make_accelerator(rt: Runtime, o: DistOptions):
         # Accelerate passes on only the fields that differ from InitProcessGroupKwargs()'s own (600 s):
         # the microsecond keeps a 600 s setting from silently becoming torch's default.
         pg["timeout"] = timedelta(seconds=o.collective_timeout_s, microseconds=1)
+    backend = os.environ.get("DISTRAIN_DIST_BACKEND")
+    if backend:
+        if backend not in ("gloo", "nccl"):
+            raise UserError(f"DISTRAIN_DIST_BACKEND must be gloo or nccl, got {backend!r}")
+        pg["backend"] = backend
     cpu = rt.device == "cpu"
     if deepspeed_requested():
         missing = [m for m in ("deepspeed", "transformers") if importlib.util.find_spec(m) is None]
@@ -413,6 +467,164 @@ def _make_accelerator(rt: Runtime, o: DistOptions):
         handlers.append(InitProcessGroupKwargs(**pg))
     return Accelerator(cpu=cpu, mixed_precision=rt.precision, kwargs_handlers=handlers,
                        step_scheduler_with_optimizer=False)
+
+
+# ----------------------------------------------------------------------------------------------------
+# FSDP2 (torch's fully_shard), applied by distrain itself
+#
+# Accelerate 1.15 turns its FSDP on only for GPU-type backends: on CPU processes it silently runs
+# each process alone (cpu=False) or plain DDP (cpu=True). So distrain reads Accelerate's FSDP launch
+# settings itself, builds the Accelerator without them (a DDP-style process group: gloo on CPU, NCCL
+# on CUDA) and shards the model with torch's fully_shard: one code path on every device.
+
+
+def fsdp_requested() -> bool:
+    """True under `accelerate launch --config_file launch/fsdp.yaml` (Accelerate's FSDP mode)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
+@dataclass
+class FsdpSettings:
+    reshard_after_forward: bool  # full sharding: parameters are freed again after each layer's use
+
+
+def _fsdp_settings(rt: Runtime) -> FsdpSettings:
+    """Accelerate's FSDP launch settings (env FSDP_*), checked; hidden from Accelerate afterwards."""
+    env = os.environ
+    if env.get("FSDP_VERSION", "1") != "2":
+        raise UserError(f"the accelerate config asks for FSDP version {env.get('FSDP_VERSION', '1')}; "
+                        f"distrain supports FSDP2 only: set fsdp_version: 2 (launch/fsdp.yaml)")
+    if env.get("FSDP_OFFLOAD_PARAMS", "false").lower() == "true":
+        raise UserError("the accelerate config sets fsdp_offload_params: true, which distrain does not "
+                        "support; set it to false (launch/fsdp.yaml)")
+    if deepspeed_requested():
+        raise UserError("the accelerate config asks for both FSDP and DeepSpeed; choose one")
+    if rt.precision == "fp16":
+        raise UserError("config key 'train.mixed_precision=fp16' is not supported under FSDP (each rank "
+                        "would check only its own gradient shards for overflow); use bf16 or auto")
+    reshard = env.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower()
+    env["ACCELERATE_USE_FSDP"] = "false"  # Accelerate builds the process group only; distrain shards
+    return FsdpSettings(reshard_after_forward=reshard not in ("false", "no_shard", "2", "3"))
+
+
+def _fully_shard(model: torch.nn.Module, optimizer, settings: FsdpSettings) -> None:
+    """Shard ``model`` in place (each module holding parameters of its own, bottom-up, then the root)
+    and re-point ``optimizer`` at the sharded parameters (fully_shard replaces them)."""
+    from torch.distributed.fsdp import fully_shard
+
+    bare = unwrap(model)
+    if any(not p.is_contiguous() for p in bare.parameters()):
+        raise UserError("config key 'model.channels_last=true' is not supported under FSDP (FSDP2 "
+                        "cannot shard channels_last parameters); set model.channels_last=false")
+    names = {id(p): n for n, p in bare.named_parameters()}
+    for m in reversed(list(bare.modules())):
+        if m is not bare and any(True for _ in m.parameters(recurse=False)):
+            fully_shard(m, reshard_after_forward=settings.reshard_after_forward)
+    fully_shard(bare, reshard_after_forward=settings.reshard_after_forward)
+    sharded = dict(bare.named_parameters())
+    for group in optimizer.param_groups:
+        group["params"] = [sharded[names[id(p)]] for p in group["params"]]
+        if isinstance(optimizer, torch.optim.SGD) and group.get("fused"):
+            group["fused"] = False  # torch has no DTensor kernel for fused SGD: its foreach path
+
+
+def _fsdp_full_state_dict(model) -> dict:
+    """The whole model on the main process (CPU tensors), {} elsewhere; a collective."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(unwrap(model), options=StateDictOptions(full_state_dict=True,
+                                                                        cpu_offload=True))
+
+
+def _fsdp_check_full(model, sd: dict) -> None:
+    """That a full state_dict fits the sharded model (names and global shapes); RuntimeError if not.
+    The weights themselves come back from this rank's shards (`_fsdp_load_shard`), which resume
+    exactly without moving a full copy of the model through the collectives."""
+    want = {k: tuple(v.shape) for k, v in unwrap(model).state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in sd.items()}
+    if got != want:
+        bad = sorted(k for k in want.keys() | got.keys() if want.get(k) != got.get(k))
+        raise RuntimeError(f"state_dict does not match the model at {', '.join(bad[:3])}")
+
+
+def _to_local(obj):
+    """A sharded state dict with every DTensor as its local shard + layout (JSON-able + tensors)."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(obj, DTensor):
+        return {"local": obj.to_local(), "shape": list(obj.shape), "stride": list(obj.stride()),
+                "placements": [repr(p) for p in obj.placements], "__dtensor__": True}
+    if isinstance(obj, dict):
+        return {k: _to_local(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_to_local(v) for v in obj]
+    return obj
+
+
+def _placement(text: str):
+    from torch.distributed.tensor import Replicate, Shard
+
+    if text.startswith("Shard(dim=") and text.endswith(")"):
+        return Shard(int(text[len("Shard(dim="):-1]))
+    if text == "Replicate()":
+        return Replicate()
+    raise ValueError(f"unknown DTensor placement {text!r}")
+
+
+def _from_local(obj, mesh):
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(obj, dict) and obj.get("__dtensor__"):
+        return DTensor.from_local(obj["local"].to(mesh.device_type), mesh,
+                                  [_placement(p) for p in obj["placements"]], run_check=False,
+                                  shape=torch.Size(obj["shape"]), stride=tuple(obj["stride"]))
+    if isinstance(obj, dict):
+        return {k: _from_local(v, mesh) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_from_local(v, mesh) for v in obj]
+    return obj
+
+
+def _fsdp_shard(model, optimizer) -> dict:
+    """This rank's shards of the model and of the optimizer state (no pickle: tensors + layout)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    bare = unwrap(model)
+    return {"model": _to_local(get_model_state_dict(bare)),
+            "optimizer": _to_local(get_optimizer_state_dict(bare, optimizer))}
+
+
+def _fsdp_load_shard(model, optimizer, shard: dict) -> None:
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    bare = unwrap(model)
+    mesh = next(bare.parameters()).device_mesh
+    set_model_state_dict(bare, _from_local(shard["model"], mesh))
+    set_optimizer_state_dict(bare, optimizer, _from_local(shard["optimizer"], mesh))
+
+
+def _lockstep(strategy: Strategy, batches):
+    """`Strategy.lockstep` under FSDP: one small gather per batch says who still has one (and its
+    shape, for the empty batches of those that have none)."""
+    it, error = iter(batches), None
+    while True:
+        batch = None
+        if error is None:
+            try:
+                batch = next(it, None)
+            except UserError as e:  # raised after the last batch, when no rank needs this one
+                error = e
+        shapes = strategy.gather_objects(None if batch is None else tuple(batch[0].shape))
+        known = [s for s in shapes if s is not None]
+        if not known:
+            break
+        if batch is None:
+            dev = strategy.device
+            empty = torch.empty(0, dtype=torch.long, device=dev)
+            batch = (torch.empty((0, *known[0][1:]), device=dev), empty, empty)
+        yield batch
+    if error is not None:
+        raise error
 
 
 def _let_threads_settle(timeout: float = 2.0, poll: float = 0.02) -> None:

@@ -45,7 +45,7 @@ def eval_loop(model, data, strategy, num_classes: int, trace: Optional[list] = N
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     error: Optional[UserError] = None
     try:
-        for i, (x, y, idx) in enumerate(data):
+        for i, (x, y, idx) in enumerate(strategy.lockstep(data)):  # in step under FSDP
             if max_batches is not None and i >= max_batches:
                 break
             with autocast(device.type, strategy.precision):

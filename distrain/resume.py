@@ -137,7 +137,7 @@ def restore(path: Path, t: Targets, log: Callable[[str], None]) -> tuple[TrainSt
         log(f"warning: {warning}")
     sd = fmt.read_tensors(path / "model.safetensors")
     try:
-        t.model.load_state_dict(sd, strict=True)
+        t.strategy.load_model_state(t.model, sd)
     except RuntimeError as e:
         raise UserError(f"checkpoint '{path}' does not fit the model: {str(e).splitlines()[0]}") from None
     _restore_optimizer(path, meta, t)
@@ -167,7 +167,7 @@ def restore(path: Path, t: Targets, log: Callable[[str], None]) -> tuple[TrainSt
 
 
 def _restore_optimizer(path: Path, meta: dict, t: Targets) -> None:
-    from distrain.distributed import ZERO_MARKER
+    from distrain.distributed import FSDP_MARKER, ZERO_MARKER
 
     state_tensors = fmt.read_tensors(path / "optimizer.safetensors")
     try:
@@ -177,16 +177,21 @@ def _restore_optimizer(path: Path, meta: dict, t: Targets) -> None:
     except (KeyError, ValueError, TypeError) as e:
         raise UserError(f"checkpoint file '{path / fmt.STATE}' is damaged (bad optimizer record: "
                         f"{e})") from None
-    zero = opt == ZERO_MARKER
-    if zero != t.strategy.is_deepspeed:
-        how = "under DeepSpeed" if zero else "without DeepSpeed"
-        raise UserError(f"checkpoint '{path}' was written {how} ({meta['world_size']} processes): "
-                        f"its optimizer state only resumes that way; launch it the same way, or start "
-                        f"a new output_dir")
-    shard = _zero_shard(path, meta, t) if zero else None
+    zero, fsdp = opt == ZERO_MARKER, opt == FSDP_MARKER
+    for marked, runs, backend in ((fsdp, t.strategy.fsdp is not None, "FSDP"),
+                                  (zero, t.strategy.is_deepspeed, "DeepSpeed")):
+        if marked != runs:
+            how = f"under {backend}" if marked else f"without {backend}"
+            raise UserError(f"checkpoint '{path}' was written {how} ({meta['world_size']} processes): "
+                            f"its optimizer state only resumes that way; launch it the same way, or "
+                            f"start a new output_dir")
+    shard = None
+    if zero or fsdp:
+        what = "DeepSpeed ZeRO optimizer partitions" if zero else "FSDP model and optimizer shards"
+        shard = _rank_shard(path, meta, t, what)
     try:
         t.strategy.load_optimizer_state(t.optimizer, opt, shard)
-    except (ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError, RuntimeError) as e:
         raise UserError(f"checkpoint '{path}': optimizer state does not fit this config ({e}); "
                         "the optimizer or frozen layers changed") from None
     if sched is not None:
@@ -194,16 +199,15 @@ def _restore_optimizer(path: Path, meta: dict, t: Targets) -> None:
     t.strategy.load_scaler_state(scaler)
 
 
-def _zero_shard(path: Path, meta: dict, t: Targets) -> dict:
+def _rank_shard(path: Path, meta: dict, t: Targets, what: str) -> dict:
+    """This rank's part of partitioned state (ZeRO / FSDP), kept under "zero" in its rank record."""
     rank, world = t.strategy.rank, t.strategy.world
     if meta["world_size"] != world:
-        raise UserError(f"checkpoint '{path}' holds DeepSpeed ZeRO optimizer partitions of "
-                        f"{meta['world_size']} processes; resume it with {meta['world_size']} "
-                        f"processes (this run has {world})")
+        raise UserError(f"checkpoint '{path}' holds {what} of {meta['world_size']} processes; "
+                        f"resume it with {meta['world_size']} processes (this run has {world})")
     rec = rank_record(path, rank)
     if "zero" not in rec:
-        raise UserError(f"checkpoint file '{path / fmt.rank_files(rank)[0]}' has no DeepSpeed "
-                        f"optimizer partition")
+        raise UserError(f"checkpoint file '{path / fmt.rank_files(rank)[0]}' has no {what}")
     return fmt.decode(rec["zero"], fmt.read_tensors(path / fmt.rank_files(rank)[1]))
 
 

@@ -276,9 +276,9 @@ class Trainer:
                 m.eval()
 
     # -- checkpoints, export, end ---------------------------------------------------------------
-    def snapshot(self) -> Snapshot:
+    def snapshot(self, model_state: dict) -> Snapshot:
         s, p = self.strategy, self.parts
-        return Snapshot(self.state, s.model_state_dict(self.model),
+        return Snapshot(self.state, model_state,
                         s.optimizer_state(p.optimizer), p.scheduler.state_dict(), s.scaler_state(),
                         self.cfg.to_dict(), self.run.model_info, s.world, s.global_batch,
                         len(p.train_split))
@@ -290,9 +290,10 @@ class Trainer:
             return
         started = time.time()
         shard = self.strategy.optimizer_shard(self.parts.optimizer)
+        model_state = self.strategy.model_state_dict(self.model)  # every rank: a gather under FSDP
         try:
-            path = store.save(self.strategy, lambda: rank_payload(self.state, shard), self.snapshot,
-                              reason, accuracy)
+            path = store.save(self.strategy, lambda: rank_payload(self.state, shard),
+                              lambda: self.snapshot(model_state), reason, accuracy)
         except NonFiniteWeights:
             self.diverged()
         self.metrics.log("checkpoint", step=self.state.global_step, reason=reason, path=str(path),
@@ -302,9 +303,11 @@ class Trainer:
         from distrain.export import export_model
         from distrain.state_dicts import clean_state_dict, non_finite
 
+        full = self.strategy.model_state_dict(self.model)  # every rank: a gather under FSDP
+
         def write():
             if self.strategy.is_main:
-                sd = clean_state_dict(self.strategy.model_state_dict(self.model))
+                sd = clean_state_dict(full)
                 if non_finite(sd) is not None:
                     self.diverged()
                 try:
