@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
@@ -17,6 +19,21 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+# A frame of distrain's own code in a traceback: the package directory only (the checkout itself may
+# be called "distrain", and the launcher's frames in its .venv must not count).
+OUR_FRAME = re.compile(r'File "' + re.escape(str(REPO / "distrain")) + r'[/\\]')
+
+
+def traceback_of_ours(text: str) -> bool:
+    return OUR_FRAME.search(text) is not None
+
+
+# Under `nohup` (SIGHUP ignored, which exec'd children inherit) the hang-up tests' workers would
+# never see their SIGHUP. A no-op handler keeps the test run immune to a closed terminal, and is
+# reset to the default in every child at exec.
+if signal.getsignal(signal.SIGHUP) == signal.SIG_IGN:
+    signal.signal(signal.SIGHUP, lambda *_: None)
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO))  # the checkout under test, whatever is installed
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import run_distrain, smoke_args
+from conftest import run_distrain, smoke_args, traceback_of_ours
 from distrain import cli
 
 LAUNCHER_EXIT = 1  # `accelerate launch` when its workers exit 2 (documented in the README)
@@ -47,7 +47,7 @@ def assert_user_error_on_every_rank(proc, command: str, *culprits: str, world: i
         for c in culprits:
             assert c in lines[0], f"{c!r} not in {lines[0]!r}"
     # No traceback of ours (the launcher prints its own report); every worker exited 2.
-    assert not re.search(r'File ".*[/\\]distrain[/\\]', err), err[-4000:]
+    assert not traceback_of_ours(err), err[-4000:]
     assert len(re.findall(r"^\s*exitcode\s*:\s*2\b", err, re.M)) == world, err[-4000:]
 
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import (REPO, free_port, load_weights, max_abs_diff, metrics_events, run_distrain, smoke_args,
-                      subprocess_env)
+from conftest import (REPO, free_port, load_weights, max_abs_diff, metrics_events, run_distrain,
+                      smoke_args, subprocess_env, traceback_of_ours)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -44,7 +44,7 @@ def _latest(out: Path) -> Path:
 
 
 def _no_traceback_of_ours(stderr: str) -> bool:
-    return not re.search(r'File ".*[/\\]distrain[/\\]', stderr)
+    return not traceback_of_ours(stderr)
 
 
 def test_fsdp_matches_ddp_checkpoints_resumes_exactly_and_exports(tmp_path) -> None:

@@ -80,8 +80,16 @@ class FakeStrategy:
         self.optimizer.zero_grad(set_to_none=True)
         return True
 
+    fsdp = None  # no sharding backend: plain state dicts
+
     def model_state_dict(self, model):
         return model.state_dict()
+
+    def load_model_state(self, model, sd):
+        model.load_state_dict(sd, strict=True)
+
+    def lockstep(self, batches):
+        return iter(batches)
 
     def optimizer_state(self, optimizer):
         return optimizer.state_dict()
