@@ -112,7 +112,7 @@ class BareStep:
         from distrain.distributed import unwrap
 
         self.model.load_state_dict(unwrap(trainer.model).state_dict())
-        self.opt.load_state_dict(trainer.optimizer.optimizer.state_dict())
+        self.opt.load_state_dict(trainer.parts.optimizer.optimizer.state_dict())
         assert (self.epoch, self.pos) == (trainer.state.epoch, trainer.state.step_in_epoch * self.batch), \
             "the two loops are not at the same batch"
 
