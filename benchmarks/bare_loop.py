@@ -90,17 +90,22 @@ def measure(args) -> dict:
     for _ in range(args.warmup):
         step()
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        loss = step()
-    sync()
-    seconds = time.perf_counter() - t0
+    windows = []  # (images/s, seconds); as `distrain bench` times its training step
+    for _ in range(args.repeats):
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            loss = step()
+        sync()
+        seconds = time.perf_counter() - t0
+        windows.append((args.steps * b / seconds, seconds))
+    rate, seconds = sorted(windows)[(len(windows) - 1) // 2]  # the median (the lower one)
     return {"name": "bare PyTorch loop", "model": args.model, "device": device.type,
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "batch_size": b, "input_size": args.input_size, "precision": args.precision,
             "channels_last": args.channels_last, "compile": args.compile, "steps": args.steps,
-            "warmup_steps": args.warmup, "img_per_s": args.steps * b / seconds,
+            "warmup_steps": args.warmup, "repeats": args.repeats, "img_per_s": rate,
+            "windows_img_per_s": [round(r, 1) for r, _ in windows],
             "step_time_ms": 1000 * seconds / args.steps, "final_loss": float(loss.detach()),
             "torch": torch.__version__}
 
@@ -115,7 +120,8 @@ def main(argv=None) -> int:
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--samples", type=int, default=50_000, help="images kept on the device")
-    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--steps", type=int, default=100, help="steps per timed window")
+    p.add_argument("--repeats", type=int, default=1, help="timed windows; img_per_s is their median")
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--seed", type=int, default=0)

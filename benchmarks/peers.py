@@ -63,7 +63,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 CONTESTANTS = ("distrain", "bench", "accelerate", "lightning", "seed")
-BENCH_STEPS, BENCH_WARMUP = 150, 10  # `distrain bench`'s timed window on the same recipe
+# `distrain bench` on the same recipe: 3 timed windows of BENCH_STEPS (their median) after warm-up.
+BENCH_STEPS, BENCH_WARMUP = 150, 10
 LR, MOMENTUM, WEIGHT_DECAY = 0.01, 0.9, 5e-4
 
 
@@ -404,6 +405,7 @@ def run_one(name: str, nprocs: int, malloc: str, a, root: Path, cores: int) -> d
             bench = json.loads((work / "stdout.txt").read_text())
             rec["epoch_img_per_s"] = [round(bench["train_img_per_s"], 1)]
             rec["timed"] = bench["timed"]
+            rec["windows"] = bench["train_windows_img_per_s"]
             return rec
         epochs = distrain_epochs(work / "run" / "metrics.jsonl") if name == "distrain" else \
             json.loads((work / "result.json").read_text())["epochs"]

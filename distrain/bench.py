@@ -6,12 +6,16 @@ gets outputs that go nowhere (no run directory, checkpoints, metrics or TensorBo
 timed through the real loop (`Trainer.train_one_epoch`, with the per-step polls, logging points and
 epoch ends train has), after the sanity evaluation train runs first. The config is never changed.
 
+- ``train_img_per_s``: the median of ``repeats`` windows of ``steps`` optimizer steps each, after
+  the sanity evaluation train runs first and ``warmup`` steps (compilation, cuDNN autotuning,
+  DataLoader workers settle in the warm-up), input pipeline included; ``train_windows_img_per_s``
+  holds every window, ``timed`` says which steps of which epochs were timed. The median of several
+  windows, not one long window: a burst of other load on a shared machine spoils one window, not the
+  result. Nothing runs before the timed windows that train does not run (the pipeline-only phase
+  comes after them), so the process is in the state train's steps are in.
 - ``data_img_per_s``: micro-batches of the training plan through the input pipeline (gather or
   DataLoader, augmentation, normalisation, on the device) with nothing consuming them; median of
-  three windows of ``max(steps x grad_accum_steps, 64)`` micro-batches after a warm-up.
-- ``train_img_per_s``: ``steps`` optimizer steps after ``warmup`` steps (compilation, cuDNN autotuning,
-  DataLoader workers and the allocator settle in the warm-up), input pipeline included; ``timed``
-  says which steps of which epoch were timed.
+  ``repeats`` windows of ``max(steps x grad_accum_steps, 64)`` micro-batches after a warm-up.
 
 Both are global (images over all ranks per second of the main process, timed between barriers, the
 device synchronised), so under ``accelerate launch`` they are the job's throughput. With a known GPU
@@ -182,23 +186,31 @@ def _pipeline_rates(trainer, steps: int, warmup: int, repeats: int) -> list[floa
     return rates
 
 
-def bench(cfg: Config, steps: int = 30, warmup: int = 5, data_repeats: int = 3) -> Optional[dict]:
+def bench(cfg: Config, steps: int = 30, warmup: int = 5, repeats: int = 3) -> Optional[dict]:
     """Measure; the result dict on the main process, None on the others."""
     if steps < 1:
         raise UserError("--steps must be >= 1")
     if warmup < 0:
         raise UserError("--warmup must be >= 0")
+    if repeats < 1:
+        raise UserError("--repeats must be >= 1")
     trainer = build_trainer(cfg)
-    data_rates = _pipeline_rates(trainer, steps, warmup, data_repeats)
+    st = trainer.state
 
     trainer.sanity_eval()
     run_train_steps(trainer, warmup)
-    first = trainer.state.global_step + 1
-    images, seconds = _timed(trainer, lambda: run_train_steps(trainer, steps))
-    train_rate = images / max(seconds, 1e-9)
-    timed = (f"optimizer steps {first}-{trainer.state.global_step} (epoch {trainer.state.epoch + 1}), "
-             f"after the sanity evaluation and {warmup} warm-up steps, with every per-step check "
-             f"train makes")
+    first, first_epoch = st.global_step + 1, st.epoch + 1
+    windows = []  # (images/s, seconds)
+    for _ in range(repeats):
+        images, seconds = _timed(trainer, lambda: run_train_steps(trainer, steps))
+        windows.append((images / max(seconds, 1e-9), seconds))
+    train_rate, seconds = sorted(windows)[(len(windows) - 1) // 2]  # the median (the lower one)
+    epochs = f"epoch {first_epoch}" if st.epoch + 1 == first_epoch else \
+        f"epochs {first_epoch}-{st.epoch + 1}"
+    timed = (f"{repeats} window(s) of {steps} optimizer steps, {first}-{st.global_step} ({epochs}), "
+             f"median; after the sanity evaluation and {warmup} warm-up steps, with every per-step "
+             f"check train makes")
+    data_rates = _pipeline_rates(trainer, steps, warmup, repeats)
     trainer.strategy.close()
 
     if not trainer.strategy.is_main:
@@ -225,8 +237,10 @@ def bench(cfg: Config, steps: int = 30, warmup: int = 5, data_repeats: int = 3) 
         "compile": cfg.model.compile,
         "warmup_steps": warmup,
         "steps": steps,
+        "repeats": repeats,
         "data_img_per_s": statistics.median(data_rates),
         "train_img_per_s": train_rate,
+        "train_windows_img_per_s": [round(r, 1) for r, _ in windows],
         "step_time_ms": 1000.0 * seconds / steps,
         "fwd_flops_per_image": fwd,
         "train_flops_per_image": fwd * 3 if fwd else None,
@@ -258,7 +272,7 @@ def format_result(r: dict) -> str:
         f"augment {'on' if r['augment'] else 'off'}, channels_last {r['channels_last']}, compile {r['compile']}",
         f"  input pipeline  {r['data_img_per_s']:>12,.0f} img/s",
         f"  training step   {r['train_img_per_s']:>12,.0f} img/s  ({r['step_time_ms']:.2f} ms per optimizer step, "
-        f"{r['steps']} steps after {r['warmup_steps']} warm-up)",
+        f"median of {r['repeats']} windows of {r['steps']} steps after {r['warmup_steps']} warm-up)",
     ]
     if r["achieved_tflops"] is not None:
         mfu = f"MFU {100 * r['mfu']:.1f}% of {r['peak_bf16_tflops']:.0f} TFLOP/s bf16 peak per GPU" if r["mfu"] is not None \
@@ -272,7 +286,7 @@ def run_bench(args) -> int:
     cfg = expand_paths(load_config(args.config, args.overrides))
     # Stray prints (libraries, compilers) must not reach stdout: --json owns it.
     with contextlib.redirect_stdout(sys.stderr):
-        result = bench(cfg, steps=args.steps, warmup=args.warmup)
+        result = bench(cfg, steps=args.steps, warmup=args.warmup, repeats=args.repeats)
     if result is None:  # not the main process
         return 0
     if args.json:

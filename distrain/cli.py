@@ -67,7 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "step for the configured model, data, precision and world size. Writes nothing.")
     b.add_argument("-c", "--config", metavar="FILE")
     b.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    b.add_argument("--steps", type=int, default=30, help="timed steps (after warm-up)")
+    b.add_argument("--steps", type=int, default=30, help="optimizer steps per timed window")
+    b.add_argument("--repeats", type=int, default=3,
+                   help="timed windows; the training rate is their median")
     b.add_argument("--warmup", type=int, default=5, help="warm-up steps")
     b.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
 

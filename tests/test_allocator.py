@@ -1,4 +1,5 @@
-"""The start-up malloc setting: glibc really serves large blocks from the heap afterwards, and any
+"""The start-up malloc setting: glibc really serves large blocks from the heap afterwards and keeps
+the freed heap, and any
 choice the user made in the environment is left alone. Each case runs in a fresh interpreter
 (mallopt is process-wide and the setting is applied once per process)."""
 
@@ -12,10 +13,11 @@ import sys
 import pytest
 
 from conftest import subprocess_env
-from distrain.allocator import MMAP_THRESHOLD, user_choice
+from distrain.allocator import ENV_EQUIVALENT, user_choice
 
-# In a fresh process: configure, then malloc 4 MiB (over glibc's default 128 KiB mmap threshold) and
-# count the blocks glibc mmapped for it (mallinfo2().hblks).
+# In a fresh process: configure, then malloc 64 MiB (over the largest mmap threshold glibc sets by
+# itself, 32 MiB), count the blocks glibc mmapped for it (mallinfo2().hblks), free it and see how much
+# of the heap (mallinfo2().arena) glibc gave back to the kernel.
 PROBE = r"""
 import ctypes, json
 from distrain.allocator import configure_allocator
@@ -28,10 +30,14 @@ class MallInfo2(ctypes.Structure):
 libc = ctypes.CDLL(None)
 libc.mallinfo2.restype = MallInfo2
 libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
 before = libc.mallinfo2().hblks
-block = libc.malloc(4 << 20)
+block = libc.malloc(64 << 20)
+info = libc.mallinfo2()
+libc.free(block)
 print(json.dumps({"applied": setting.applied, "skipped": setting.skipped, "same": again is setting,
-                  "new_mmapped": libc.mallinfo2().hblks - before, "text": setting.describe()}))
+                  "new_mmapped": info.hblks - before,
+                  "heap_returned": info.arena - libc.mallinfo2().arena, "text": setting.describe()}))
 """
 
 
@@ -60,12 +66,14 @@ def probe(**env) -> dict:
 
 @needs_glibc
 @pytest.mark.timeout(120)
-def test_large_blocks_come_from_the_heap_once_configured() -> None:
+def test_large_blocks_come_from_the_heap_and_stay_there_once_configured() -> None:
     r = probe()
-    assert r["skipped"] is None and r["applied"]["M_MMAP_THRESHOLD"] == MMAP_THRESHOLD
-    assert r["new_mmapped"] == 0, r
+    assert r["skipped"] is None and r["applied"] == {"M_MMAP_MAX": 0, "M_TRIM_THRESHOLD": -1}
+    assert r["new_mmapped"] == 0, r  # the 64 MiB block came from the heap
+    assert r["heap_returned"] == 0, r  # and freeing it (at the heap's top) kept the heap
     assert r["same"]  # a second call changes nothing
-    assert "mmap threshold 32 MiB" in r["text"] and "DISTRAIN_MALLOC=0" in r["text"]
+    assert "every block from the heap, heap never trimmed" in r["text"]
+    assert "DISTRAIN_MALLOC=0" in r["text"]
 
 
 @needs_glibc
@@ -77,8 +85,18 @@ def test_large_blocks_come_from_the_heap_once_configured() -> None:
 def test_a_users_choice_keeps_glibcs_behaviour(env, why) -> None:
     r = probe(**env)
     assert r["applied"] == {} and why in r["skipped"]
-    assert r["new_mmapped"] == 1, r  # glibc's own default: a 4 MiB block is mmapped
+    assert r["new_mmapped"] == 1, r  # glibc's own default: a 64 MiB block is mmapped
     assert "glibc defaults" in r["text"]
+
+
+@needs_glibc
+@pytest.mark.timeout(120)
+def test_the_environment_equivalent_behaves_the_same_without_distrain() -> None:
+    """What the benchmarks give the peers and the bare loop (their `malloc on` column)."""
+    probe_env = {"DISTRAIN_MALLOC": "0", **ENV_EQUIVALENT}  # the variables do it, not distrain
+    r = probe(**probe_env)
+    assert r["applied"] == {} and "DISTRAIN_MALLOC=0" in r["skipped"]
+    assert r["new_mmapped"] == 0 and r["heap_returned"] == 0, r
 
 
 def test_user_choice_reads_only_malloc_settings() -> None:

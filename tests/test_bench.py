@@ -31,6 +31,10 @@ def test_bench_json_is_one_object_and_writes_nothing(tmp_path) -> None:
     assert isinstance(r, dict)
     assert r["data_img_per_s"] > 0 and r["train_img_per_s"] > 0
     assert r["world_size"] == 1 and r["global_batch"] == 32 and r["steps"] == 3 and r["device"] == "cpu"
+    windows = r["train_windows_img_per_s"]  # --repeats 3 by default: the rate is their median
+    assert r["repeats"] == 3 and len(windows) == 3
+    assert round(r["train_img_per_s"], 1) == sorted(windows)[1]
+    assert r["timed"].startswith("3 window(s) of 3 optimizer steps, 2-10 (epochs 1-4), median"), r["timed"]
     assert r["model"] == "cifar10_quick" and r["loader"] == "device" and r["augment"] is True
     assert r["fwd_flops_per_image"] == 24_708_352  # analytic count of the seed's CIFAR10-quick net
     assert r["mfu"] is None  # no GPU peak on a CPU

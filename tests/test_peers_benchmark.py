@@ -28,7 +28,8 @@ def test_peers_benchmark_runs_every_contestant(tmp_path) -> None:
     assert set(rows) == {"distrain", "bench", "accelerate", "lightning", "seed"}
     assert len(rows["bench"]["epoch_img_per_s"]) == 1 and rows["bench"]["epoch_img_per_s"][0] > 0
     (bench_run,) = [r for r in result["runs"] if r["contestant"] == "bench"]
-    assert bench_run["timed"].startswith("optimizer steps"), bench_run  # says what it timed
+    assert "window(s) of 1 optimizer steps" in bench_run["timed"], bench_run  # says what it timed
+    assert len(bench_run["windows"]) == 3 and min(bench_run["windows"]) > 0, bench_run
     for name, row in rows.items():
         if name == "bench":
             continue
