@@ -32,7 +32,7 @@ every 0.25 s: the sum over the tree's processes of their peak RSS (VmHWM; forked
 count pages they share with their parent) and the peak of the tree's summed PSS.
 
 ``--malloc off,on``: ``on`` is distrain's start-up allocator setting (distrain/allocator.py) for
-distrain and the same thresholds as ``MALLOC_*`` environment variables for the peers (the fair
+distrain and the same settings as ``MALLOC_*`` environment variables for the peers (the fair
 column); ``off`` is glibc's defaults for all (``DISTRAIN_MALLOC=0`` for distrain). Runs of one
 (processes, malloc) group are interleaved, the order rotated every round; the table shows the median
 over rounds and the spread.

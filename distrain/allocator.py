@@ -67,6 +67,13 @@ class AllocatorSetting:
 _done: Optional[AllocatorSetting] = None
 
 
+def describe_current() -> str:
+    """What this process runs with, for the run's `start` record."""
+    if _done is None:
+        return "malloc: glibc defaults (not configured: distrain used as a library)"
+    return _done.describe()
+
+
 def user_choice(environ: Mapping[str, str]) -> Optional[str]:
     """Why the environment rules out distrain's setting, or None."""
     if environ.get(OPT_OUT_VAR, "").strip().lower() in ("0", "false", "no", "off"):

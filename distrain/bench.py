@@ -1,10 +1,11 @@
-"""`distrain bench`: images/s of the input pipeline alone and of the full training step. Writes nothing.
+"""`distrain bench`: images/s of the input pipeline alone and of the full training step.
 
-The components are built exactly as `distrain train` builds them (`build.build`: data, model,
-optimizer, schedule, input pipelines, Accelerate/DDP, precision, channels_last, compile), the Trainer
-gets outputs that go nowhere (no run directory, checkpoints, metrics or TensorBoard), and the step is
-timed through the real loop (`Trainer.train_one_epoch`, with the per-step polls, logging points and
-epoch ends train has), after the sanity evaluation train runs first. The config is never changed.
+Writes nothing. The components are built exactly as `distrain train` builds them (`build.build`:
+data, model, optimizer, schedule, input pipelines, Accelerate/DDP, precision, channels_last,
+compile), the Trainer gets outputs that go nowhere (no run directory, checkpoints, metrics or
+TensorBoard), and the step is timed through the real loop (`Trainer.train_one_epoch`, with the
+per-step polls, logging points and epoch ends train has), after the sanity evaluation train runs
+first. The config is never changed.
 
 - ``train_img_per_s``: the median of ``repeats`` windows of ``steps`` optimizer steps each, after
   the sanity evaluation train runs first and ``warmup`` steps (compilation, cuDNN autotuning,
@@ -64,7 +65,8 @@ def peak_bf16_tflops(device_name: str) -> Optional[float]:
         try:
             return float(env)
         except ValueError:
-            raise UserError(f"DISTRAIN_PEAK_TFLOPS must be a number of TFLOP/s, got {env!r}") from None
+            raise UserError(f"DISTRAIN_PEAK_TFLOPS must be a number of TFLOP/s, got {env!r}") \
+                from None
     name = device_name.upper()
     for parts, tflops in PEAK_BF16_TFLOPS:
         if all(p in name for p in parts):
@@ -73,7 +75,8 @@ def peak_bf16_tflops(device_name: str) -> Optional[float]:
 
 
 def forward_flops_per_image(cfg: Config) -> Optional[float]:
-    """FLOPs of one image's forward pass (matmuls and convolutions), counted on the meta device: no compute."""
+    """FLOPs of one image's forward pass (matmuls and convolutions), counted on the meta device:
+    no compute."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from distrain.models import build_from_config
@@ -86,7 +89,7 @@ def forward_flops_per_image(cfg: Config) -> Optional[float]:
         with counter, torch.no_grad():
             model(x)
         return counter.get_total_flops() / 2
-    except Exception:  # noqa: BLE001 - a model the counter cannot trace: report no FLOPs rather than fail
+    except Exception:  # noqa: BLE001 - a model the counter cannot trace: no FLOPs, not a failure
         return None
 
 
@@ -111,7 +114,8 @@ class _DataRunner:
     """Pulls micro-batches of successive epoch plans through the training input pipeline."""
 
     def __init__(self, trainer, first_epoch: int = 1_000_000):
-        self.trainer, self.epoch = trainer, first_epoch  # epochs training never reaches: a fresh order
+        # Epochs training never reaches: a fresh order.
+        self.trainer, self.epoch = trainer, first_epoch
         self.it = None
         self.left = 0
         self.last = None
@@ -163,7 +167,8 @@ def build_trainer(cfg: Config):
     from distrain.train import dist_options
     from distrain.trainer import Trainer
 
-    strategy = Strategy(resolve_runtime(cfg.train.device, cfg.train.mixed_precision), dist_options(cfg))
+    runtime = resolve_runtime(cfg.train.device, cfg.train.mixed_precision)
+    strategy = Strategy(runtime, dist_options(cfg))
     check_toolchain(cfg, strategy)
     with cache.read_only():
         parts = build(cfg, strategy)
@@ -207,16 +212,17 @@ def bench(cfg: Config, steps: int = 30, warmup: int = 5, repeats: int = 3) -> Op
     train_rate, seconds = sorted(windows)[(len(windows) - 1) // 2]  # the median (the lower one)
     epochs = f"epoch {first_epoch}" if st.epoch + 1 == first_epoch else \
         f"epochs {first_epoch}-{st.epoch + 1}"
-    timed = (f"{repeats} window(s) of {steps} optimizer steps, {first}-{st.global_step} ({epochs}), "
-             f"median; after the sanity evaluation and {warmup} warm-up steps, with every per-step "
-             f"check train makes")
+    timed = (f"{repeats} window(s) of {steps} optimizer steps, {first}-{st.global_step} "
+             f"({epochs}), median; after the sanity evaluation and {warmup} warm-up steps, "
+             f"with every per-step check train makes")
     data_rates = _pipeline_rates(trainer, steps, warmup, repeats)
     trainer.strategy.close()
 
     if not trainer.strategy.is_main:
         return None
     dev = trainer.strategy.device
-    device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else (_cpu_name() or platform.machine())
+    device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else \
+        (_cpu_name() or platform.machine())
     fwd = forward_flops_per_image(cfg)
     achieved = fwd * 3 * train_rate / 1e12 if fwd else None
     peak = peak_bf16_tflops(device_name) if dev.type == "cuda" else None
@@ -266,19 +272,25 @@ def _cpu_name() -> Optional[str]:
 
 def format_result(r: dict) -> str:
     lines = [
-        f"distrain bench: {r['model']} on {r['data']} ({r['train_samples']:,} images) | {r['device']} "
-        f"({r['device_name']}), precision {r['precision']}, world size {r['world_size']} | global batch "
-        f"{r['global_batch']} ({r['batch_size']} x {r['world_size']} x {r['grad_accum_steps']}) | {r['loader']} loader, "
-        f"augment {'on' if r['augment'] else 'off'}, channels_last {r['channels_last']}, compile {r['compile']}",
+        f"distrain bench: {r['model']} on {r['data']} ({r['train_samples']:,} images) | "
+        f"{r['device']} ({r['device_name']}), precision {r['precision']}, world size "
+        f"{r['world_size']} | global batch {r['global_batch']} ({r['batch_size']} x "
+        f"{r['world_size']} x {r['grad_accum_steps']}) | {r['loader']} loader, augment "
+        f"{'on' if r['augment'] else 'off'}, channels_last {r['channels_last']}, "
+        f"compile {r['compile']}",
         f"  input pipeline  {r['data_img_per_s']:>12,.0f} img/s",
-        f"  training step   {r['train_img_per_s']:>12,.0f} img/s  ({r['step_time_ms']:.2f} ms per optimizer step, "
-        f"median of {r['repeats']} windows of {r['steps']} steps after {r['warmup_steps']} warm-up)",
+        f"  training step   {r['train_img_per_s']:>12,.0f} img/s  ({r['step_time_ms']:.2f} ms per "
+        f"optimizer step, median of {r['repeats']} windows of {r['steps']} steps after "
+        f"{r['warmup_steps']} warm-up)",
     ]
     if r["achieved_tflops"] is not None:
-        mfu = f"MFU {100 * r['mfu']:.1f}% of {r['peak_bf16_tflops']:.0f} TFLOP/s bf16 peak per GPU" if r["mfu"] is not None \
-            else "MFU n/a (no bf16 peak known for this device)"
-        lines.append(f"  compute         {r['achieved_tflops']:>12.3f} TFLOP/s  ({r['train_flops_per_image'] / 1e9:.3f} "
-                     f"GFLOP per image fwd+bwd; {mfu})")
+        if r["mfu"] is not None:
+            mfu = (f"MFU {100 * r['mfu']:.1f}% of {r['peak_bf16_tflops']:.0f} TFLOP/s bf16 peak "
+                   f"per GPU")
+        else:
+            mfu = "MFU n/a (no bf16 peak known for this device)"
+        lines.append(f"  compute         {r['achieved_tflops']:>12.3f} TFLOP/s  "
+                     f"({r['train_flops_per_image'] / 1e9:.3f} GFLOP per image fwd+bwd; {mfu})")
     return "\n".join(lines)
 
 

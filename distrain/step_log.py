@@ -97,11 +97,13 @@ class StepLog:
         self.progress.write("\n".join(lines))
         self.metrics.text("run", "\n".join("    " + line for line in lines), t.state.global_step)
         self.metrics.config(self.cfg, t.state.global_step)
+        from distrain.allocator import describe_current
+
         s, p = self.strategy, t.parts
         self.metrics.log("start", world_size=s.world, device=s.rt.device, precision=s.precision,
                          global_batch=s.global_batch, train_samples=len(p.train_split),
                          test_samples=len(p.test_split), parameters=t.num_params[0],
-                         resumed_step=t.state.global_step)
+                         resumed_step=t.state.global_step, malloc=describe_current())
 
     def end(self, t, seconds: float) -> None:
         st, last = t.state, t.last_eval

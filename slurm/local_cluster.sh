@@ -31,7 +31,8 @@
 #     in different DIRs can run at once; tests share one per user (tests/slurm_helpers.py, under a file lock).
 #   * DIR should be short: munge's unix socket path (DIR/munge/munge.socket) must stay under 108 bytes.
 #
-# Requeued jobs wait for their BeginTime; `scontrol update JobId=ID StartTime=now` releases one at once.
+# Requeued jobs wait for their BeginTime; `scontrol update JobId=ID StartTime=now+2` releases one (not `now`:
+# a restart within the second of the requeue can be refused, "Job credential revoked").
 set -euo pipefail
 
 NODES=(n1 n2)

@@ -275,12 +275,17 @@ def wait_for(
 
 
 def release(job_id: str, env: Optional[dict] = None, timeout: float = 60) -> None:
-    """Let a requeued job start now instead of at its delayed BeginTime (``scontrol update StartTime=now``).
+    """Let a requeued job start in 2 s instead of at its delayed BeginTime
+    (``scontrol update StartTime=now+2``).
 
-    Waits for the job to be PENDING first (after a requeue it is COMPLETING until its processes are gone).
+    Waits for the job to be PENDING first (after a requeue it is COMPLETING until its processes are
+    gone). Not ``now``: slurmd revokes the old run's job credential with a timestamp in whole seconds
+    and refuses a launch whose credential is not newer, so a restart within the same second as the
+    requeue was killed ("Killing non-startable batch JobId=...: Job credential revoked" in
+    slurmctld.log) and the job ended FAILED.
     """
     wait_for(job_id, {"PENDING"}, timeout=timeout, env=env)
-    proc = _slurm(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=env)
+    proc = _slurm(["scontrol", "update", f"JobId={job_id}", "StartTime=now+2"], env=env)
     if proc.returncode != 0:
         raise SlurmError(f"cannot release job {job_id}: {proc.stderr.strip()}")
 

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from conftest import subprocess_env
+from conftest import metrics_events, run_distrain, smoke_args, subprocess_env
 from distrain.allocator import ENV_EQUIVALENT, user_choice
 
 # In a fresh process: configure, then malloc 64 MiB (over the largest mmap threshold glibc sets by
@@ -106,3 +106,16 @@ def test_user_choice_reads_only_malloc_settings() -> None:
     assert user_choice({"MALLOC_TRIM_THRESHOLD_": "0"}) == "MALLOC_TRIM_THRESHOLD_ is set"
     preload = {"LD_PRELOAD": "/usr/lib/libjemalloc.so.2"}
     assert user_choice(preload) == "LD_PRELOAD brings another allocator"
+
+
+@needs_glibc
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_train_records_the_setting_it_ran_with(tmp_path) -> None:
+    """The CLI applies it (every rank runs the CLI) and the run's `start` record says which."""
+    on, off = tmp_path / "on", tmp_path / "off"
+    run_distrain(["train", *smoke_args(on)], check=True)
+    run_distrain(["train", *smoke_args(off)], check=True, env=subprocess_env(DISTRAIN_MALLOC="0"))
+    assert metrics_events(on, "start")[0]["malloc"].startswith(
+        "malloc: every block from the heap, heap never trimmed")
+    assert metrics_events(off, "start")[0]["malloc"] == "malloc: glibc defaults (DISTRAIN_MALLOC=0)"
