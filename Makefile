@@ -26,7 +26,7 @@ train: $(STAMP)
 
 test: $(STAMP)
 	bash slurm/local_cluster.sh install
-	OMP_NUM_THREADS=1 $(BIN)/pytest -n auto --dist worksteal --durations=15 $(ARGS)
+	OMP_NUM_THREADS=1 $(BIN)/pytest -n auto --durations=15 $(ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/compare.py
