@@ -54,6 +54,8 @@ def build(args, device: torch.device):
 
 
 def measure(args) -> dict:
+    from distrain.bench import median_window
+
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # as distrain sets it on CUDA
@@ -99,7 +101,7 @@ def measure(args) -> dict:
         sync()
         seconds = time.perf_counter() - t0
         windows.append((args.steps * b / seconds, seconds))
-    rate, seconds = sorted(windows)[(len(windows) - 1) // 2]  # the median (the lower one)
+    rate, seconds = median_window(windows)
     return {"name": "bare PyTorch loop", "model": args.model, "device": device.type,
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "batch_size": b, "input_size": args.input_size, "precision": args.precision,

@@ -64,8 +64,7 @@ def run_one(name: str, malloc: str, a) -> dict:
         if code != 0:
             tail = (work / "stderr.txt").read_text()[-3000:]
             raise RuntimeError(f"{name} (malloc {malloc}) exited {code}:\n{tail}")
-        out = (work / "stdout.txt").read_text()
-        r = json.loads(out.strip().splitlines()[-1])
+        r = json.loads((work / "stdout.txt").read_text().strip().splitlines()[-1])
         rate = r["train_img_per_s"] if name == "distrain" else r["img_per_s"]
         windows = r["train_windows_img_per_s"] if name == "distrain" else r["windows_img_per_s"]
         return {"contestant": name, "malloc": malloc, "img_per_s": round(rate, 2),

@@ -98,6 +98,12 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def median_window(windows: list[tuple[float, float]]) -> tuple[float, float]:
+    """The median of (images/s, seconds) windows by rate: the lower middle one for an even count,
+    so the result is always a window that was measured."""
+    return sorted(windows)[(len(windows) - 1) // 2]
+
+
 def _timed(trainer, fn):
     """Run ``fn`` between barriers with the device synchronised; (its result, seconds here)."""
     s = trainer.strategy
@@ -209,7 +215,7 @@ def bench(cfg: Config, steps: int = 30, warmup: int = 5, repeats: int = 3) -> Op
     for _ in range(repeats):
         images, seconds = _timed(trainer, lambda: run_train_steps(trainer, steps))
         windows.append((images / max(seconds, 1e-9), seconds))
-    train_rate, seconds = sorted(windows)[(len(windows) - 1) // 2]  # the median (the lower one)
+    train_rate, seconds = median_window(windows)
     epochs = f"epoch {first_epoch}" if st.epoch + 1 == first_epoch else \
         f"epochs {first_epoch}-{st.epoch + 1}"
     timed = (f"{repeats} window(s) of {steps} optimizer steps, {first}-{st.global_step} "

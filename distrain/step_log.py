@@ -14,6 +14,7 @@ import time
 import torch
 
 from distrain import summary
+from distrain.allocator import describe_current
 
 
 class StepLog:
@@ -97,8 +98,6 @@ class StepLog:
         self.progress.write("\n".join(lines))
         self.metrics.text("run", "\n".join("    " + line for line in lines), t.state.global_step)
         self.metrics.config(self.cfg, t.state.global_step)
-        from distrain.allocator import describe_current
-
         s, p = self.strategy, t.parts
         self.metrics.log("start", world_size=s.world, device=s.rt.device, precision=s.precision,
                          global_batch=s.global_batch, train_samples=len(p.train_split),

@@ -43,10 +43,6 @@ def _latest(out: Path) -> Path:
     return out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip()
 
 
-def _no_traceback_of_ours(stderr: str) -> bool:
-    return not traceback_of_ours(stderr)
-
-
 def test_fsdp_matches_ddp_checkpoints_resumes_exactly_and_exports(tmp_path) -> None:
     ddp, straight, resumed = tmp_path / "ddp", tmp_path / "fsdp", tmp_path / "resumed"
     run_distrain(["train", *smoke_args(ddp, **COMMON, **{"train.batch_size": 4})], nprocs=2, check=True)
@@ -111,6 +107,6 @@ def test_fsdp_refuses_what_it_cannot_do_with_exit_2(tmp_path) -> None:
         assert len(re.findall(r"^\s*exitcode\s*:\s*2\b", p.stderr, re.M)) == workers, p.stderr[-3000:]
         errors = re.findall(r"^(?:\[rank \d\] )?distrain train: error: .*$", p.stderr, re.M)
         assert len(errors) == workers and all(words in e for e in errors), p.stderr[-3000:]
-        assert _no_traceback_of_ours(p.stderr), p.stderr[-3000:]
+        assert not traceback_of_ours(p.stderr), p.stderr[-3000:]
     # The refused resumes left the checkpoint as it was.
     assert _latest(out) == ckpt and {f.name: f.read_bytes() for f in ckpt.iterdir()} == files
